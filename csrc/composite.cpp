@@ -1,0 +1,186 @@
+// Device-generic ops: ATen compositions (GEMMs dominate, the BLAS or cuBLAS
+// does them), chunked over N so no N-sized temporary beyond the outputs.
+// Registered for CPU here and for CUDA in csrc/cuda/.
+#include <torch/library.h>
+
+#include "exemplar.h"
+#include "tiles.h"
+
+namespace exemplar {
+namespace {
+
+// Rows per chunk so a (rows, width) temporary stays near 4M elements.
+int64_t chunk_rows(int64_t width) {
+  return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(width, 1));
+}
+
+void check_square(const char* op, const at::Tensor& x, const char* name, int64_t n,
+                  const char* what, const at::Tensor& ref) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == n && x.size(1) == n, op, ": ", name,
+              " must be (", what, ", ", what, ") = (", n, ", ", n, "), got shape ", x.sizes());
+  check_floating(op, x, name);
+  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " is on ", x.device(),
+              " but Phi is on ", ref.device());
+}
+
+// rows (n, C), cols (n, Dp) -> per-example gradients (n, C*Dp), row-major c*Dp + d.
+at::Tensor outer_rows(const at::Tensor& rows, const at::Tensor& cols) {
+  return (rows.unsqueeze(2) * cols.unsqueeze(1)).reshape({rows.size(0), -1});
+}
+
+}  // namespace
+
+// The curvature statistics accumulate in float64 whatever the input dtype:
+// they are inverted afterwards, and float32 sums over millions of rows would
+// dominate the error of every score.
+std::tuple<at::Tensor, at::Tensor> kfac_factors(const at::Tensor& Phi, const at::Tensor& logits) {
+  check_phi_logits("exemplar::kfac_factors", Phi, logits);
+  const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
+  auto f64 = Phi.options().dtype(at::kDouble);
+  auto A = at::zeros({Dp, Dp}, f64);
+  auto G = at::zeros({C, C}, f64);
+  auto p_sum = at::zeros({C}, f64);
+  const int64_t rows = chunk_rows(Dp + C);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto phi = Phi.narrow(0, n0, n).to(at::kDouble);
+    auto P = at::softmax(logits.narrow(0, n0, n).to(at::kDouble), 1);
+    A.addmm_(phi.t(), phi);
+    G.addmm_(P.t(), P, /*beta=*/1, /*alpha=*/-1);
+    p_sum.add_(P.sum(0));
+  }
+  G.add_(at::diag(p_sum));
+  return {A.div_(static_cast<double>(N)), G.div_(static_cast<double>(N))};
+}
+
+at::Tensor ekfac_eigenvalues(const at::Tensor& Phi, const at::Tensor& logits,
+                             const at::Tensor& QA_, const at::Tensor& QG_) {
+  const char* op = "exemplar::ekfac_eigenvalues";
+  check_phi_logits(op, Phi, logits);
+  const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
+  check_square(op, QA_, "QA", Dp, "Dp", Phi);
+  check_square(op, QG_, "QG", C, "C", Phi);
+  auto QA = QA_.to(at::kDouble);
+  auto QG = QG_.to(at::kDouble);
+  auto QG2 = QG * QG;
+  auto lam = at::zeros({C, Dp}, QA.options());
+  const int64_t rows = chunk_rows(Dp + C);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto P = at::softmax(logits.narrow(0, n0, n).to(at::kDouble), 1);
+    // (Q_G^T Lambda_i Q_G)_cc = sum_j Q_jc^2 p_ij - (sum_j Q_jc p_ij)^2
+    auto M = at::mm(P, QG2).sub_(at::mm(P, QG).square_());
+    auto phi_rot = at::mm(Phi.narrow(0, n0, n).to(at::kDouble), QA).square_();
+    lam.addmm_(M.t(), phi_rot);
+  }
+  return lam.div_(static_cast<double>(N));
+}
+
+at::Tensor exact_hessian(const at::Tensor& Phi, const at::Tensor& logits) {
+  check_phi_logits("exemplar::exact_hessian", Phi, logits);
+  const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
+  auto H = at::zeros({C * Dp, C * Dp}, Phi.options().dtype(at::kDouble));
+  const int64_t rows = chunk_rows(C * Dp);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto phi = Phi.narrow(0, n0, n).to(at::kDouble);
+    auto X = outer_rows(at::softmax(logits.narrow(0, n0, n).to(at::kDouble), 1), phi);
+    H.addmm_(X.t(), X, /*beta=*/1, /*alpha=*/-1);  // - p_ic p_ic' phi_id phi_id'
+    for (int64_t c = 0; c < C; ++c) {              // + p_ic phi_id phi_id' on the diagonal blocks
+      H.narrow(0, c * Dp, Dp).narrow(1, c * Dp, Dp).addmm_(X.narrow(1, c * Dp, Dp).t(), phi);
+    }
+  }
+  return H.div_(static_cast<double>(N));
+}
+
+std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R_, const at::Tensor& Phi_,
+                                                    const at::Tensor& QG_, const at::Tensor& QA_,
+                                                    const at::Tensor& w) {
+  const char* op = "exemplar::eigenbasis_norms";
+  check_factored(op, R_, Phi_);
+  const int64_t N = R_.size(0), C = R_.size(1), Dp = Phi_.size(1);
+  check_square(op, QG_, "QG", C, "C", Phi_);
+  check_square(op, QA_, "QA", Dp, "Dp", Phi_);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == C && w.size(1) == Dp, op,
+              ": w must be (C, Dp) = (", C, ", ", Dp, "), got shape ", w.sizes());
+  check_floating(op, w, "w");
+  TORCH_CHECK(w.device() == Phi_.device(), op, ": w is on ", w.device(), " but Phi is on ",
+              Phi_.device());
+  auto R = R_.contiguous();
+  auto Phi = Phi_.contiguous();
+  auto dtype = R.scalar_type();
+  auto QG = QG_.to(dtype);
+  auto QA = QA_.to(dtype);
+  auto weights = at::cat({w * w, w}, 1).to(dtype);  // (C, 2 Dp)
+  auto sq_norm = at::empty({N}, R.options());
+  auto quad = at::empty({N}, R.options());
+  const int64_t rows = chunk_rows(3 * Dp);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto r_rot = at::mm(R.narrow(0, n0, n), QG).square_();
+    auto phi_rot = at::mm(Phi.narrow(0, n0, n), QA).square_();
+    auto both = at::mm(r_rot, weights);
+    sq_norm.narrow(0, n0, n).copy_((both.narrow(1, 0, Dp) * phi_rot).sum(1));
+    quad.narrow(0, n0, n).copy_((both.narrow(1, Dp, Dp) * phi_rot).sum(1));
+  }
+  return {sq_norm, quad};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R_, const at::Tensor& Phi_,
+                                               const at::Tensor& Hinv_) {
+  const char* op = "exemplar::dense_norms";
+  check_factored(op, R_, Phi_);
+  const int64_t N = R_.size(0), CDp = R_.size(1) * Phi_.size(1);
+  check_square(op, Hinv_, "Hinv", CDp, "C*Dp", Phi_);
+  auto R = R_.contiguous();
+  auto Phi = Phi_.contiguous();
+  auto Hinv = Hinv_.to(R.scalar_type());
+  auto sq_norm = at::empty({N}, R.options());
+  auto quad = at::empty({N}, R.options());
+  const int64_t rows = chunk_rows(2 * CDp);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
+    auto y = at::mm(g, Hinv);
+    sq_norm.narrow(0, n0, n).copy_((y * y).sum(1));
+    quad.narrow(0, n0, n).copy_((y * g).sum(1));
+  }
+  return {sq_norm, quad};
+}
+
+namespace {
+at::Tensor dense_from(TileScorer& scorer, const at::Tensor& R) {
+  auto out = at::empty({scorer.tests(), R.size(0)}, R.options());
+  stream_tiles(scorer, R.size(0), R.options(),
+               [&](int64_t t0, int64_t tb, int64_t n0, int64_t nt, const at::Tensor& tile) {
+                 out.narrow(0, t0, tb).narrow(1, n0, nt).copy_(tile);
+               });
+  return out;
+}
+}  // namespace
+
+at::Tensor scores(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
+                  const at::Tensor& inv_norm) {
+  check_general("exemplar::scores", S, R, Phi, inv_norm);
+  GeneralScorer scorer(S, R, Phi, inv_norm);
+  return dense_from(scorer, R);
+}
+
+at::Tensor scores_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
+                        const at::Tensor& Phi, const at::Tensor& inv_norm) {
+  check_rank1("exemplar::scores_rank1", alpha, beta, R, Phi, inv_norm);
+  Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
+  return dense_from(scorer, R);
+}
+
+TORCH_LIBRARY_IMPL(exemplar, CPU, m) {
+  m.impl("kfac_factors", &kfac_factors);
+  m.impl("ekfac_eigenvalues", &ekfac_eigenvalues);
+  m.impl("exact_hessian", &exact_hessian);
+  m.impl("eigenbasis_norms", &eigenbasis_norms);
+  m.impl("dense_norms", &dense_norms);
+  m.impl("scores", &scores);
+  m.impl("scores_rank1", &scores_rank1);
+}
+
+}  // namespace exemplar

@@ -1,0 +1,28 @@
+// The one library of schemas. Implementations register per dispatch key in
+// csrc/composite.cpp (device-generic), csrc/cpu/ and csrc/cuda/; fake kernels
+// for torch.compile live in python/exemplar/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(exemplar, m) {
+  m.def("residuals(Tensor logits, Tensor labels) -> Tensor");
+  m.def("kfac_factors(Tensor phi, Tensor logits) -> (Tensor, Tensor)");
+  m.def("ekfac_eigenvalues(Tensor phi, Tensor logits, Tensor qa, Tensor qg) -> Tensor");
+  m.def("exact_hessian(Tensor phi, Tensor logits) -> Tensor");
+  m.def("eigenbasis_norms(Tensor r, Tensor phi, Tensor qg, Tensor qa, Tensor w) -> (Tensor, Tensor)");
+  m.def("dense_norms(Tensor r, Tensor phi, Tensor hinv) -> (Tensor, Tensor)");
+  m.def("scores(Tensor s, Tensor r, Tensor phi, Tensor inv_norm) -> Tensor");
+  m.def("scores_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm) -> Tensor");
+  m.def("topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  m.def("topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+}
+
+#ifdef EXEMPLAR_PYTHON_MODULE
+// The Python package imports exemplar._C only to load the registrations above;
+// the ops themselves are reached through torch.ops.exemplar.
+#include <Python.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

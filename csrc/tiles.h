@@ -1,0 +1,107 @@
+// Streaming over (test block x train tile) score tiles. The dense ops and the
+// CPU top-k share this so both see bit-identical score values; only the
+// consumer of each tile differs. Memory held: one gradient tile and one
+// (test block x train tile) score buffer, independent of N.
+#pragma once
+
+#include "exemplar.h"
+
+namespace exemplar {
+
+class TileScorer {
+ public:
+  virtual ~TileScorer() = default;
+  virtual int64_t tests() const = 0;
+  virtual int64_t tile_rows() const = 0;
+  // Prepare train rows [n0, n0 + nt).
+  virtual void load_train(int64_t n0, int64_t nt) = 0;
+  // out (tb, nt), contiguous: scores of tests [t0, t0 + tb) against the loaded rows.
+  virtual void score(int64_t t0, int64_t tb, at::Tensor& out) = 0;
+};
+
+// score(t, i) = <vec S_t, vec(R_i Phi_i^T)> * inv_norm_i: one GEMM with K = C*Dp
+// against an explicit per-example gradient tile.
+class GeneralScorer final : public TileScorer {
+ public:
+  // S (T, C, Dp), R (N, C), Phi (N, Dp), inv_norm (N,)
+  GeneralScorer(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
+                const at::Tensor& inv_norm)
+      : S_flat_(S.reshape({S.size(0), S.size(1) * S.size(2)}).contiguous()),
+        R_(R.contiguous()), Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
+        rows_(train_tile_rows(R.size(1), Phi.size(1), /*rank1=*/false)),
+        grad_(at::empty({std::min(rows_, R.size(0)), R.size(1), Phi.size(1)}, R.options())) {}
+
+  int64_t tests() const override { return S_flat_.size(0); }
+  int64_t tile_rows() const override { return rows_; }
+
+  void load_train(int64_t n0, int64_t nt) override {
+    auto r = (R_.narrow(0, n0, nt) * inv_norm_.narrow(0, n0, nt).unsqueeze(1)).unsqueeze(2);
+    tile_ = grad_.narrow(0, 0, nt);
+    at::mul_out(tile_, r, Phi_.narrow(0, n0, nt).unsqueeze(1));
+    tile_ = tile_.view({nt, -1});
+  }
+
+  void score(int64_t t0, int64_t tb, at::Tensor& out) override {
+    at::mm_out(out, S_flat_.narrow(0, t0, tb), tile_.t());
+  }
+
+ private:
+  at::Tensor S_flat_, R_, Phi_, inv_norm_;
+  int64_t rows_;
+  at::Tensor grad_, tile_;
+};
+
+// score(t, i) = (alpha_t . R_i)(beta_t . Phi_i) * inv_norm_i: two thin GEMMs.
+class Rank1Scorer final : public TileScorer {
+ public:
+  // alpha (T, C), beta (T, Dp), R (N, C), Phi (N, Dp), inv_norm (N,)
+  Rank1Scorer(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
+              const at::Tensor& Phi, const at::Tensor& inv_norm)
+      : alpha_(alpha.contiguous()), beta_(beta.contiguous()), R_(R.contiguous()),
+        Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
+        rows_(train_tile_rows(R.size(1), Phi.size(1), /*rank1=*/true)),
+        right_(at::empty({std::min(alpha.size(0), kTestBlockRows) * std::min(rows_, R.size(0))},
+                         R.options())) {}
+
+  int64_t tests() const override { return alpha_.size(0); }
+  int64_t tile_rows() const override { return rows_; }
+
+  void load_train(int64_t n0, int64_t nt) override {
+    R_tile_ = R_.narrow(0, n0, nt) * inv_norm_.narrow(0, n0, nt).unsqueeze(1);
+    Phi_tile_ = Phi_.narrow(0, n0, nt);
+  }
+
+  void score(int64_t t0, int64_t tb, at::Tensor& out) override {
+    auto right = right_.narrow(0, 0, tb * out.size(1)).view({tb, out.size(1)});
+    at::mm_out(out, alpha_.narrow(0, t0, tb), R_tile_.t());
+    at::mm_out(right, beta_.narrow(0, t0, tb), Phi_tile_.t());
+    out.mul_(right);
+  }
+
+ private:
+  at::Tensor alpha_, beta_, R_, Phi_, inv_norm_;
+  int64_t rows_;
+  at::Tensor right_, R_tile_, Phi_tile_;
+};
+
+// Calls consume(t0, tb, n0, nt, tile) for every score tile, train-tile-major so
+// each gradient tile is built once.
+template <typename Consume>
+void stream_tiles(TileScorer& scorer, int64_t N, const at::TensorOptions& options,
+                  Consume&& consume) {
+  const int64_t T = scorer.tests();
+  const int64_t rows = scorer.tile_rows();
+  auto buffer = at::empty({std::min(T, kTestBlockRows) * std::min(N, rows)}, options);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nt = std::min(rows, N - n0);
+    scorer.load_train(n0, nt);
+    for (int64_t t0 = 0; t0 < T; t0 += kTestBlockRows) {
+      const int64_t tb = std::min(kTestBlockRows, T - t0);
+      auto tile = buffer.narrow(0, 0, tb * nt).view({tb, nt});
+      scorer.score(t0, tb, tile);
+      consume(t0, tb, n0, nt, tile);
+    }
+  }
+}
+
+}  // namespace exemplar

@@ -1,0 +1,73 @@
+"""LastLayerData: what a classifier's last linear layer saw and said."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_float_matrix(name: str, x, shape: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
+        raise ValueError(f"{name} must be finite, found {x[tuple(bad)].item()} at {name}{bad}")
+
+
+@dataclass(frozen=True)
+class LastLayerData:
+    """features (N, D): the last layer's inputs; logits (N, C): its outputs;
+    labels (N,) int64 or None. For test data, labels name the class to explain;
+    None explains each example's predicted class."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self):
+        _check_float_matrix("features", self.features, "(N, D)")
+        _check_float_matrix("logits", self.logits, "(N, C)")
+        n = self.features.shape[0]
+        if self.logits.shape[0] != n:
+            raise ValueError(f"logits must have shape (N, C) with N={n} rows like features, "
+                             f"got {tuple(self.logits.shape)}")
+        if self.logits.dtype != self.features.dtype:
+            raise TypeError(f"logits dtype {self.logits.dtype} differs from features dtype "
+                            f"{self.features.dtype}")
+        if self.logits.device != self.features.device:
+            raise ValueError(f"logits is on {self.logits.device} but features is on "
+                             f"{self.features.device}")
+        if self.logits.shape[1] < 2:
+            raise ValueError(f"logits must have C >= 2 classes, got shape {tuple(self.logits.shape)}")
+        if self.labels is None:
+            return
+        labels = self.labels
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a tensor of shape (N,) with N={n}, got {got}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.device != self.features.device:
+            raise ValueError(f"labels is on {labels.device} but features is on {self.features.device}")
+        C = self.logits.shape[1]
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= C):
+            i = int(torch.nonzero((labels < 0) | (labels >= C))[0])
+            raise ValueError(f"labels must be in [0, C) = [0, {C}), got labels[{i}]={int(labels[i])}")
+        object.__setattr__(self, "labels", labels.long())
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    def explained_labels(self) -> torch.Tensor:
+        """The labels whose gradients are explained: the given ones, else the predictions."""
+        return self.labels if self.labels is not None else self.logits.argmax(dim=1)

@@ -1,0 +1,127 @@
+"""Thin wrappers over torch.ops.exemplar and the fake kernels that let
+torch.compile and opcheck trace them. Shapes: N train, T test, C classes,
+Dp feature columns (bias column included)."""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the op registrations)
+
+_ops = torch.ops.exemplar
+
+
+def cuda_compiled() -> bool:
+    """True when this build of exemplar registered CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("exemplar::topk", "CUDA")
+
+
+def residuals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (N, C), labels (N,) int64 -> softmax(logits) - onehot(labels), (N, C)."""
+    return _ops.residuals(logits, labels)
+
+
+def kfac_factors(phi: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi (N, Dp), logits (N, C) -> A (Dp, Dp), G (C, C), accumulated in float64."""
+    return _ops.kfac_factors(phi, logits)
+
+
+def ekfac_eigenvalues(phi, logits, qa, qg) -> torch.Tensor:
+    """phi (N, Dp), logits (N, C), qa (Dp, Dp), qg (C, C) -> corrected eigenvalues (C, Dp), float64."""
+    return _ops.ekfac_eigenvalues(phi, logits, qa, qg)
+
+
+def exact_hessian(phi, logits) -> torch.Tensor:
+    """phi (N, Dp), logits (N, C) -> H (C*Dp, C*Dp) float64, flattening c*Dp + d."""
+    return _ops.exact_hessian(phi, logits)
+
+
+def eigenbasis_norms(r, phi, qg, qa, w):
+    """r (N, C), phi (N, Dp), qg (C, C), qa (Dp, Dp), w (C, Dp)
+    -> (sum r'^2 phi'^2 w^2, sum r'^2 phi'^2 w), each (N,)."""
+    return _ops.eigenbasis_norms(r, phi, qg, qa, w)
+
+
+def dense_norms(r, phi, hinv):
+    """r (N, C), phi (N, Dp), hinv (C*Dp, C*Dp) -> (|Hinv g|^2, g^T Hinv g), each (N,)."""
+    return _ops.dense_norms(r, phi, hinv)
+
+
+def scores(s, r, phi, inv_norm) -> torch.Tensor:
+    """s (T, C, Dp), r (N, C), phi (N, Dp), inv_norm (N,) -> (T, N)."""
+    return _ops.scores(s, r, phi, inv_norm)
+
+
+def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
+    """alpha (T, C), beta (T, Dp), r (N, C), phi (N, Dp), inv_norm (N,) -> (T, N)."""
+    return _ops.scores_rank1(alpha, beta, r, phi, inv_norm)
+
+
+def topk(s, r, phi, inv_norm, k: int, largest: bool = True):
+    """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix:
+    (values (T, k), indices (T, k) int64), best first."""
+    return _ops.topk(s, r, phi, inv_norm, k, largest)
+
+
+def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True):
+    """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64)."""
+    return _ops.topk_rank1(alpha, beta, r, phi, inv_norm, k, largest)
+
+
+# ------------------------------------------------------------------ fake kernels
+
+
+@torch.library.register_fake("exemplar::residuals")
+def _(logits, labels):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("exemplar::kfac_factors")
+def _(phi, logits):
+    dp, c = phi.shape[1], logits.shape[1]
+    return phi.new_empty(dp, dp, dtype=torch.float64), phi.new_empty(c, c, dtype=torch.float64)
+
+
+@torch.library.register_fake("exemplar::ekfac_eigenvalues")
+def _(phi, logits, qa, qg):
+    return phi.new_empty(logits.shape[1], phi.shape[1], dtype=torch.float64)
+
+
+@torch.library.register_fake("exemplar::exact_hessian")
+def _(phi, logits):
+    n = logits.shape[1] * phi.shape[1]
+    return phi.new_empty(n, n, dtype=torch.float64)
+
+
+@torch.library.register_fake("exemplar::eigenbasis_norms")
+def _(r, phi, qg, qa, w):
+    return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
+
+
+@torch.library.register_fake("exemplar::dense_norms")
+def _(r, phi, hinv):
+    return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
+
+
+@torch.library.register_fake("exemplar::scores")
+def _(s, r, phi, inv_norm):
+    return r.new_empty(s.shape[0], r.shape[0])
+
+
+@torch.library.register_fake("exemplar::scores_rank1")
+def _(alpha, beta, r, phi, inv_norm):
+    return r.new_empty(alpha.shape[0], r.shape[0])
+
+
+def _fake_topk(rows, r, k):
+    torch._check(1 <= k <= r.shape[0], lambda: f"k must be in [1, N={r.shape[0]}], got {k}")
+    return r.new_empty(rows, k), r.new_empty(rows, k, dtype=torch.int64)
+
+
+@torch.library.register_fake("exemplar::topk")
+def _(s, r, phi, inv_norm, k, largest):
+    return _fake_topk(s.shape[0], r, k)
+
+
+@torch.library.register_fake("exemplar::topk_rank1")
+def _(alpha, beta, r, phi, inv_norm, k, largest):
+    return _fake_topk(alpha.shape[0], r, k)
