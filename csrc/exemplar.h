@@ -110,7 +110,7 @@ inline void check_phi_logits(const char* op, const at::Tensor& Phi, const at::Te
 // (rows, C*Dp) gradient tile, so rows shrink as C*Dp grows; a fixed size for a
 // given shape keeps the dense and top-k paths bit-identical.
 inline int64_t train_tile_rows(int64_t C, int64_t Dp, bool rank1) {
-  const int64_t budget = int64_t(1) << 20;  // elements in the gradient tile
+  const int64_t budget = int64_t(1) << 22;  // elements in the gradient tile (16 MiB in float32)
   const int64_t width = rank1 ? (C + Dp) : (C * Dp);
   return std::max<int64_t>(64, std::min<int64_t>(4096, budget / std::max<int64_t>(width, 1)));
 }
@@ -153,3 +153,16 @@ std::tuple<at::Tensor, at::Tensor> topk_rank1_cpu(const at::Tensor& alpha, const
                                                   bool largest);
 
 }  // namespace exemplar
+
+#ifdef EXEMPLAR_WITH_CUDA
+namespace exemplar {
+at::Tensor residuals_cuda(const at::Tensor& logits, const at::Tensor& labels);
+std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& S, const at::Tensor& R,
+                                             const at::Tensor& Phi, const at::Tensor& inv_norm,
+                                             int64_t k, bool largest);
+std::tuple<at::Tensor, at::Tensor> topk_rank1_cuda(const at::Tensor& alpha, const at::Tensor& beta,
+                                                   const at::Tensor& R, const at::Tensor& Phi,
+                                                   const at::Tensor& inv_norm, int64_t k,
+                                                   bool largest);
+}  // namespace exemplar
+#endif

@@ -1,0 +1,65 @@
+"""What exemplar's score ops are measured against.
+
+naive: reference.py's way — explicit (N, C*Dp) per-example gradients in
+float64 and the explicit (C*Dp, C*Dp) inverse curvature.
+chunked: the best plain-PyTorch code we could write — the training set in
+chunks, per-example gradients of a chunk built with one broadcast multiply,
+one GEMM against the flattened test operators, torch.topk per chunk and a
+running merge. Nothing (T, N)-sized in its top-k variant."""
+from __future__ import annotations
+
+import torch
+
+from exemplar import reference
+
+
+def naive_scores(s, r, phi, inv_norm, hinv=None):
+    """Explicit float64 gradients; with hinv, s holds the raw test gradients."""
+    g_train = (r.double().unsqueeze(2) * phi.double().unsqueeze(1)).reshape(r.shape[0], -1)
+    s_flat = s.double().reshape(s.shape[0], -1)
+    if hinv is not None:
+        s_flat = s_flat @ hinv
+    return (s_flat @ g_train.T) * inv_norm.double()
+
+
+def _chunk_scores_general(s_flat, r, phi, inv_norm, n0, n):
+    g = ((r[n0:n0 + n] * inv_norm[n0:n0 + n, None]).unsqueeze(2) * phi[n0:n0 + n].unsqueeze(1))
+    return s_flat @ g.reshape(n, -1).T
+
+
+def _chunk_scores_rank1(alpha, beta, r, phi, inv_norm, n0, n):
+    return (alpha @ (r[n0:n0 + n] * inv_norm[n0:n0 + n, None]).T) * (beta @ phi[n0:n0 + n].T)
+
+
+def _chunked(score_chunk, T, N, k, largest, chunk, device, dtype):
+    if k is None:
+        out = torch.empty(T, N, dtype=dtype, device=device)
+        for n0 in range(0, N, chunk):
+            n = min(chunk, N - n0)
+            out[:, n0:n0 + n] = score_chunk(n0, n)
+        return out
+    best_v = best_i = None
+    for n0 in range(0, N, chunk):
+        n = min(chunk, N - n0)
+        v, i = torch.topk(score_chunk(n0, n), min(k, n), dim=1, largest=largest)
+        i += n0
+        if best_v is not None:
+            v, j = torch.topk(torch.cat([best_v, v], 1), k if best_v.shape[1] + v.shape[1] >= k
+                              else best_v.shape[1] + v.shape[1], dim=1, largest=largest)
+            i = torch.gather(torch.cat([best_i, i], 1), 1, j)
+        best_v, best_i = v, i
+    return best_v, best_i
+
+
+def chunked_general(s, r, phi, inv_norm, k=None, largest=True, chunk=1024):
+    s_flat = s.reshape(s.shape[0], -1)
+    return _chunked(lambda n0, n: _chunk_scores_general(s_flat, r, phi, inv_norm, n0, n),
+                    s.shape[0], r.shape[0], k, largest, chunk, s.device, s.dtype)
+
+
+def chunked_rank1(alpha, beta, r, phi, inv_norm, k=None, largest=True, chunk=8192):
+    return _chunked(lambda n0, n: _chunk_scores_rank1(alpha, beta, r, phi, inv_norm, n0, n),
+                    alpha.shape[0], r.shape[0], k, largest, chunk, alpha.device, alpha.dtype)
+
+
+__all__ = ["naive_scores", "chunked_general", "chunked_rank1", "reference"]
