@@ -110,9 +110,9 @@ inline void check_phi_logits(const char* op, const at::Tensor& Phi, const at::Te
 // (rows, C*Dp) gradient tile, so rows shrink as C*Dp grows; a fixed size for a
 // given shape keeps the dense and top-k paths bit-identical.
 inline int64_t train_tile_rows(int64_t C, int64_t Dp, bool rank1) {
-  const int64_t budget = int64_t(1) << 22;  // elements in the gradient tile (16 MiB in float32)
+  const int64_t budget = int64_t(1) << 20;  // elements in the gradient tile: stays cache-sized
   const int64_t width = rank1 ? (C + Dp) : (C * Dp);
-  return std::max<int64_t>(64, std::min<int64_t>(4096, budget / std::max<int64_t>(width, 1)));
+  return std::max<int64_t>(256, std::min<int64_t>(4096, budget / std::max<int64_t>(width, 1)));
 }
 constexpr int64_t kTestBlockRows = 1024;
 

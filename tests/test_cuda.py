@@ -8,7 +8,7 @@ from exemplar import ops
 from exemplar import reference as ref
 
 from conftest import make_data
-from test_ops import general_operands, general_truth, opcheck_cases, rank1_operands, rank1_truth
+from test_ops import PATHS, general_operands, opcheck_cases
 
 pytestmark = pytest.mark.cuda
 CUDA = "cuda"
@@ -38,37 +38,26 @@ def check_cuda_topk(values, indices, truth, k, largest):
 
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("size", SIZES, ids=str)
-def test_topk_general_cuda(size, largest):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_topk_cuda(path, size, largest):
+    make, truth_of, _, topk_op, _ = PATHS[path]
     T, N, C, Dp = size
-    args = general_operands(T, N, C, Dp, dtype=torch.float32, seed=1)
-    truth = general_truth(*args)
+    args = make(T, N, C, Dp, dtype=torch.float32, seed=1)
+    truth = truth_of(*args)
     cuda_args = [a.to(CUDA) for a in args]
     for k in sorted({1, min(10, N), min(1024, N), N} if N <= 5000 else {1, 10, 1024}):
-        values, indices = ops.topk(*cuda_args, k, largest)
+        values, indices = topk_op(*cuda_args, k, largest)
         check_cuda_topk(values, indices, truth, k, largest)
-        cpu_values, _ = ops.topk(*args, k, largest)
+        cpu_values, _ = topk_op(*args, k, largest)
         assert float((values.cpu() - cpu_values).abs().max() / truth.abs().max()) <= 1e-4
-
-
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("size", SIZES, ids=str)
-def test_topk_rank1_cuda(size, largest):
-    T, N, C, Dp = size
-    args = rank1_operands(T, N, C, Dp, dtype=torch.float32, seed=2)
-    truth = rank1_truth(*args)
-    cuda_args = [a.to(CUDA) for a in args]
-    for k in sorted({1, min(10, N), min(1024, N), N} if N <= 5000 else {1, 10, 1024}):
-        values, indices = ops.topk_rank1(*cuda_args, k, largest)
-        check_cuda_topk(values, indices, truth, k, largest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("size", SIZES[:4], ids=str)
 def test_dense_scores_cuda(size, dtype):
-    args = general_operands(*size, dtype=dtype, seed=3)
-    assert rel(ops.scores(*[a.to(CUDA) for a in args]), general_truth(*args)) <= 1e-4
-    args = rank1_operands(*size, dtype=dtype, seed=4)
-    assert rel(ops.scores_rank1(*[a.to(CUDA) for a in args]), rank1_truth(*args)) <= 1e-4
+    for make, truth, dense, _, _ in PATHS.values():
+        args = make(*size, dtype=dtype, seed=3)
+        assert rel(dense(*[a.to(CUDA) for a in args]), truth(*args)) <= 1e-4
 
 
 def test_topk_float64_cuda_matches_cpu_exactly_on_indices():

@@ -39,20 +39,20 @@ GENERAL_SIZES = [(1, 1, 2, 1), (3, 500, 10, 513), (1100, 70, 3, 5)]
 RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("size", GENERAL_SIZES, ids=str)
-def test_scores_general(size, dtype):
-    args = general_operands(*size, dtype=dtype)
-    got, want = ops.scores(*args), general_truth(*args)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert float((got.double() - want).abs().max() / want.abs().max()) <= tol
+# path -> (operands, float64 truth, dense op, top-k op, sizes)
+PATHS = {
+    "general": (general_operands, general_truth, ops.scores, ops.topk, GENERAL_SIZES),
+    "rank1": (rank1_operands, rank1_truth, ops.scores_rank1, ops.topk_rank1, RANK1_SIZES),
+}
+PATH_SIZES = [(path, size) for path, spec in PATHS.items() for size in spec[4]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("size", RANK1_SIZES, ids=str)
-def test_scores_rank1(size, dtype):
-    args = rank1_operands(*size, dtype=dtype)
-    got, want = ops.scores_rank1(*args), rank1_truth(*args)
+@pytest.mark.parametrize("path,size", PATH_SIZES, ids=str)
+def test_dense_scores(path, size, dtype):
+    make, truth, dense, _, _ = PATHS[path]
+    args = make(*size, dtype=dtype)
+    got, want = dense(*args), truth(*args)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert float((got.double() - want).abs().max() / want.abs().max()) <= tol
 
@@ -66,23 +66,14 @@ def check_topk(dense, values, indices, k, largest):
 
 
 @pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("size", GENERAL_SIZES, ids=str)
-def test_topk_general_matches_dense(size, largest):
-    T, N = size[:2]
-    args = general_operands(*size, dtype=torch.float32, seed=3)
-    dense = ops.scores(*args)
-    for k in sorted({1, min(7, N), N}):
-        check_topk(dense, *ops.topk(*args, k, largest), k, largest)
-
-
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("size", RANK1_SIZES, ids=str)
-def test_topk_rank1_matches_dense(size, largest):
+@pytest.mark.parametrize("path,size", PATH_SIZES, ids=str)
+def test_topk_matches_dense(path, size, largest):
+    make, _, dense_op, topk_op, _ = PATHS[path]
     N = size[1]
-    args = rank1_operands(*size, dtype=torch.float32, seed=5)
-    dense = ops.scores_rank1(*args)
-    for k in sorted({1, min(10, N), N}):
-        check_topk(dense, *ops.topk_rank1(*args, k, largest), k, largest)
+    args = make(*size, dtype=torch.float32, seed=3)
+    dense = dense_op(*args)
+    for k in sorted({1, min(7, N), N}):
+        check_topk(dense, *topk_op(*args, k, largest), k, largest)
 
 
 def test_topk_ties_prefer_lower_index():
