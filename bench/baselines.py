@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from exemplar import reference
 
-
-def naive_scores(s, r, phi, inv_norm, hinv=None):
-    """Explicit float64 gradients; with hinv, s holds the raw test gradients."""
+def naive_scores(s, r, phi, inv_norm):
+    """Explicit float64 per-example gradients, one (T, C*Dp) x (C*Dp, N) product."""
     g_train = (r.double().unsqueeze(2) * phi.double().unsqueeze(1)).reshape(r.shape[0], -1)
-    s_flat = s.double().reshape(s.shape[0], -1)
-    if hinv is not None:
-        s_flat = s_flat @ hinv
-    return (s_flat @ g_train.T) * inv_norm.double()
+    return (s.double().reshape(s.shape[0], -1) @ g_train.T) * inv_norm.double()
 
 
 def _chunk_scores_general(s_flat, r, phi, inv_norm, n0, n):
@@ -61,5 +56,3 @@ def chunked_rank1(alpha, beta, r, phi, inv_norm, k=None, largest=True, chunk=819
     return _chunked(lambda n0, n: _chunk_scores_rank1(alpha, beta, r, phi, inv_norm, n0, n),
                     alpha.shape[0], r.shape[0], k, largest, chunk, alpha.device, alpha.dtype)
 
-
-__all__ = ["naive_scores", "chunked_general", "chunked_rank1", "reference"]

@@ -9,10 +9,6 @@ import math
 
 import torch
 
-METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
-CURVATURES = ("exact", "kfac", "ekfac", "identity")
-
-
 def augment(features: torch.Tensor, bias: bool) -> torch.Tensor:
     phi = features.double()
     if bias:
