@@ -81,6 +81,20 @@ inline void check_k(const char* op, int64_t k, int64_t N) {
   TORCH_CHECK(k >= 1 && k <= N, op, ": k must be in [1, N] = [1, ", N, "], got k=", k);
 }
 
+// The full argument checks of exemplar::topk and exemplar::topk_rank1, run
+// first by every device's implementation.
+inline void check_topk(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
+                       const at::Tensor& inv_norm, int64_t k) {
+  check_general("exemplar::topk", S, R, Phi, inv_norm);
+  check_k("exemplar::topk", k, R.size(0));
+}
+
+inline void check_topk_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
+                             const at::Tensor& Phi, const at::Tensor& inv_norm, int64_t k) {
+  check_rank1("exemplar::topk_rank1", alpha, beta, R, Phi, inv_norm);
+  check_k("exemplar::topk_rank1", k, R.size(0));
+}
+
 // logits (N, C), labels (N,) int64.
 inline void check_logits_labels(const char* op, const at::Tensor& logits,
                                 const at::Tensor& labels) {

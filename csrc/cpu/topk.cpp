@@ -108,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> run_topk(TileScorer& scorer, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& S, const at::Tensor& R,
                                             const at::Tensor& Phi, const at::Tensor& inv_norm,
                                             int64_t k, bool largest) {
-  check_general("exemplar::topk", S, R, Phi, inv_norm);
-  check_k("exemplar::topk", k, R.size(0));
+  check_topk(S, R, Phi, inv_norm, k);
   GeneralScorer scorer(S, R, Phi, inv_norm);
   return run_topk(scorer, R, k, largest);
 }
@@ -118,8 +117,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rank1_cpu(const at::Tensor& alpha, const
                                                   const at::Tensor& R, const at::Tensor& Phi,
                                                   const at::Tensor& inv_norm, int64_t k,
                                                   bool largest) {
-  check_rank1("exemplar::topk_rank1", alpha, beta, R, Phi, inv_norm);
-  check_k("exemplar::topk_rank1", k, R.size(0));
+  check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
   Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
   return run_topk(scorer, R, k, largest);
 }

@@ -58,6 +58,22 @@ __device__ int count_before(const scalar_t* vals, const int* idx, int len, scala
   return lo;
 }
 
+// Writes each entry of the sorted list a to out[its rank in the union of a and
+// the sorted list b], dropping ranks >= limit. One warp; the strict order makes
+// the ranks of the union a permutation, so the two calls (a, b) and (b, a) fill
+// out[0, limit) exactly once.
+template <typename scalar_t, bool Largest>
+__device__ void scatter_by_rank(const scalar_t* av, const int* ai, int a_len, const scalar_t* bv,
+                                const int* bi, int b_len, int limit, scalar_t* ov, int* oi, int lane) {
+  for (int j = lane; j < a_len; j += 32) {
+    const int rank = j + count_before<scalar_t, Largest>(bv, bi, b_len, av[j], ai[j]);
+    if (rank < limit) {
+      ov[rank] = av[j];
+      oi[rank] = ai[j];
+    }
+  }
+}
+
 // acc (4 x 4) += A[t0.., :K] * B[:K, n0..] where A is (T, K) row-major and
 // load_b(local_n, kappa) returns B[kappa, n0 + local_n] (0 outside).
 template <typename scalar_t, typename LoadB>
@@ -169,24 +185,14 @@ __device__ void merge_row(SharedState<scalar_t>& sh, const Workspace<scalar_t>& 
   scalar_t* ov = ws.vals + ws.offset(1 - from, t, split);
   int* oi = ws.idx + ws.offset(1 - from, t, split);
   const int new_len = static_cast<int>(len + m < k ? len + m : k);
-  for (int j = lane; j < len; j += 32) {
-    const int rank = j + count_before<scalar_t, Largest>(sv, si, m, lv[j], li[j]);
-    if (rank < new_len) {
-      ov[rank] = lv[j];
-      oi[rank] = li[j];
-      if (rank == k - 1) { sh.thr_v[r] = lv[j]; sh.thr_i[r] = li[j]; }
-    }
-  }
-  for (int j = lane; j < m; j += 32) {
-    const int rank = j + count_before<scalar_t, Largest>(lv, li, len, sv[j], si[j]);
-    if (rank < new_len) {
-      ov[rank] = sv[j];
-      oi[rank] = si[j];
-      if (rank == k - 1) { sh.thr_v[r] = sv[j]; sh.thr_i[r] = si[j]; }
-    }
-  }
-  __syncwarp();
+  scatter_by_rank<scalar_t, Largest>(lv, li, len, sv, si, m, new_len, ov, oi, lane);
+  scatter_by_rank<scalar_t, Largest>(sv, si, m, lv, li, len, new_len, ov, oi, lane);
+  __syncwarp();  // also orders the lanes' writes to ov/oi before lane 0 reads them
   if (lane == 0) {
+    if (new_len == k) {
+      sh.thr_v[r] = ov[k - 1];
+      sh.thr_i[r] = oi[k - 1];
+    }
     sh.len[r] = new_len;
     sh.buffer[r] = 1 - from;
     sh.count[r] = 0;
@@ -392,8 +398,7 @@ std::tuple<at::Tensor, at::Tensor> fused_topk(const at::Tensor& left_, const at:
 std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& S, const at::Tensor& R,
                                              const at::Tensor& Phi, const at::Tensor& inv_norm,
                                              int64_t k, bool largest) {
-  check_general("exemplar::topk", S, R, Phi, inv_norm);
-  check_k("exemplar::topk", k, R.size(0));
+  check_topk(S, R, Phi, inv_norm, k);
   return fused_topk<false>(S, S, R, Phi, inv_norm, k, largest);
 }
 
@@ -401,8 +406,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rank1_cuda(const at::Tensor& alpha, cons
                                                    const at::Tensor& R, const at::Tensor& Phi,
                                                    const at::Tensor& inv_norm, int64_t k,
                                                    bool largest) {
-  check_rank1("exemplar::topk_rank1", alpha, beta, R, Phi, inv_norm);
-  check_k("exemplar::topk_rank1", k, R.size(0));
+  check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
   return fused_topk<true>(alpha, beta, R, Phi, inv_norm, k, largest);
 }
 
