@@ -18,8 +18,8 @@ def theta_relatif_operands(N, T, D, C, kfac_damping, device="cpu", dtype=torch.f
     test = exemplar.LastLayerData(torch.randn(T, D, generator=g, device=device, dtype=dtype),
                                   torch.randn(T, C, generator=g, device=device, dtype=dtype))
     attr = exemplar.Attributor(train, curvature="kfac", damping=1e-3, kfac_damping=kfac_damping)
-    pre = attr._test_operands(test, "theta_relatif")
-    inv = attr._inv_norm("theta_relatif")
+    pre = attr._query(test, "theta_relatif").pre
+    train_side = attr._train_side("theta_relatif")
     if isinstance(pre, curv.Rank1):
-        return "rank1", (pre.alpha, pre.beta, attr.r, attr.phi, inv)
-    return "general", (pre.S, attr.r, attr.phi, inv)
+        return "rank1", (pre.alpha, pre.beta, *train_side)
+    return "general", (pre.S, *train_side)

@@ -1,19 +1,22 @@
 """Attributor: scores, top-k and self-influence of training examples for a
-classifier's last layer (DESIGN.md §4). Every method reduces to the fused score
-op on the factored training gradients (R, Phi) with a per-example normaliser,
-computed once per Attributor."""
+classifier's last layer (DESIGN.md §1, §4). Every method reduces to the fused
+score op: a training side (R, Phi, inv_norm), computed once per Attributor, and
+a test side (a preconditioned gradient S_t, general or rank-1, plus an optional
+per-test offset added to every score of that test)."""
 from __future__ import annotations
 
+import json
 import math
-from functools import cached_property
+from dataclasses import dataclass
 
 import torch
 
 from . import curvature as curv
-from . import ops
+from . import ops, rps
 from .data import LastLayerData
 
-METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
+INFLUENCE_METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
+METHODS = INFLUENCE_METHODS + ("rps_l2", "rps_lje", "knn")
 CURVATURES = ("exact", "kfac", "ekfac", "identity")
 KFAC_DAMPINGS = ("eigenbasis", "factored")
 
@@ -23,18 +26,47 @@ def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
 
 
+def _one_hot(labels: torch.Tensor, C: int, like: torch.Tensor) -> torch.Tensor:
+    out = like.new_zeros(labels.shape[0], C)
+    out[torch.arange(labels.shape[0], device=labels.device), labels] = 1.0
+    return out
+
+
+def _scaled(pre, factor: float):
+    if isinstance(pre, curv.Rank1):
+        return curv.Rank1(pre.alpha * factor, pre.beta)
+    return curv.General(pre.S * factor)
+
+
+@dataclass
+class _Query:
+    pre: curv.General | curv.Rank1
+    offset: torch.Tensor | None  # (T,) added to every score of test t
+
+
+def _check_number(name, value, low, strict):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+
+
 class Attributor:
     """Explains test predictions by training examples.
 
     train: LastLayerData with labels. curvature: "exact" | "kfac" | "ekfac" |
     "identity". damping: lambda >= 0 added to the curvature (for "exact" and
     weight decay lambda this is the Hessian of the regularised objective).
-    bias: the layer has a bias, so a constant-1 feature is appended.
-    kfac_damping: "eigenbasis" adds lambda to the K-FAC eigenvalues;
-    "factored" damps each factor (rank-1 fast path)."""
+    bias: True when the layer has a bias (a constant-1 feature is appended), or
+    the layer's bias vector (C,) itself. weight: the layer's weight (C, D);
+    RPS-LJE needs it (and the bias vector when there is a bias), RPS-l2 starts
+    its refit from it. kfac_damping: "eigenbasis" adds lambda to the K-FAC
+    eigenvalues; "factored" damps each factor (rank-1 fast path).
+    rps_lambda: RPS-l2's l2 strength. lje_step: RPS-LJE's ascent step gamma."""
 
     def __init__(self, train: LastLayerData, curvature: str = "kfac", damping: float = 1e-3,
-                 bias: bool = True, kfac_damping: str = "eigenbasis"):
+                 bias: bool | torch.Tensor = True, kfac_damping: str = "eigenbasis",
+                 weight: torch.Tensor | None = None, rps_lambda: float = 1e-3,
+                 lje_step: float = 1e-3):
         if not isinstance(train, LastLayerData):
             raise TypeError(f"train must be a LastLayerData, got {type(train).__name__}")
         if len(train) == 0:
@@ -45,17 +77,58 @@ class Attributor:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if kfac_damping not in KFAC_DAMPINGS:
             raise ValueError(f"kfac_damping must be one of {KFAC_DAMPINGS}, got {kfac_damping!r}")
-        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-        self.train = train
-        self.bias = bias
-        self.curvature_name = curvature
-        self.damping = float(damping)
-        self.phi = self._augment(train.features)  # (N, Dp)
-        self.r = ops.residuals(train.logits, train.labels)  # (N, C)
+        _check_number("damping", damping, 0, strict=False)
+        _check_number("rps_lambda", rps_lambda, 0, strict=True)
+        _check_number("lje_step", lje_step, 0, strict=False)
+        config = dict(curvature=curvature, damping=float(damping), kfac_damping=kfac_damping,
+                      rps_lambda=float(rps_lambda), lje_step=float(lje_step),
+                      bias=bool(isinstance(bias, torch.Tensor) or bias))
+        self._setup(train, config, self._theta_from_layer(train, weight, bias))
         self.curvature = curv.build(curvature, self.damping, kfac_damping, self.phi, train.logits)
 
-    # ---------------------------------------------------------------- helpers
+    def _setup(self, train, config, theta):
+        self.train = train
+        self.config = config
+        self.bias = config["bias"]
+        self.curvature_name = config["curvature"]
+        self.damping = config["damping"]
+        self.theta = theta  # (C, Dp) float64 or None: the trained layer [W | b]
+        self.phi = self._augment(train.features)  # (N, Dp)
+        self.r = ops.residuals(train.logits, train.labels)  # (N, C)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._lje_curvature = None
+
+    @staticmethod
+    def _theta_from_layer(train, weight, bias):
+        vector = bias if isinstance(bias, torch.Tensor) else None
+        if weight is None:
+            if vector is not None:
+                raise ValueError("bias is a tensor but weight is None: pass the layer's weight (C, D) too")
+            return None
+        N, D = train.features.shape
+        C = train.num_classes
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (C, D):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight must be a tensor of shape (C, D) = ({C}, {D}), got {got}")
+        if weight.device != train.features.device:
+            raise ValueError(f"weight is on {weight.device} but train is on {train.features.device}")
+        if bias is True and vector is None:
+            raise ValueError("bias=True with a weight: pass the layer's bias vector (C,) as bias=")
+        if vector is not None and (vector.dim() != 1 or vector.shape[0] != C):
+            raise ValueError(f"bias must have shape (C,) = ({C},), got {tuple(vector.shape)}")
+        theta = weight.double() if vector is None else torch.cat([weight.double(), vector.double().view(C, 1)], 1)
+        if not bool(torch.isfinite(theta).all()):
+            raise ValueError("weight and bias must be finite")
+        phi = train.features.double()
+        if vector is not None:
+            phi = torch.cat([phi, phi.new_ones(N, 1)], 1)
+        err = float((phi @ theta.T - train.logits.double()).abs().max())
+        scale = 1.0 + float(train.logits.abs().max())
+        tol = 1e-3 * scale  # catches a wrong layer, not float32 rounding of logits cast to float64
+        if err > tol:
+            raise ValueError(f"weight and bias do not reproduce train.logits: max |phi W^T + b - logits| "
+                             f"= {err:.3g} > {tol:.3g}; pass the layer that produced the logits")
+        return theta
 
     def _augment(self, features: torch.Tensor) -> torch.Tensor:
         if not self.bias:
@@ -63,33 +136,80 @@ class Attributor:
         ones = torch.ones(features.shape[0], 1, dtype=features.dtype, device=features.device)
         return torch.cat([features, ones], dim=1)
 
+    def _cached(self, key: str, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     @property
     def num_train(self) -> int:
         return len(self.train)
 
-    @cached_property
+    # ------------------------------------------------------------ training side
+
     def _curvature_norms(self):
         """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (N,): one pass, on first use."""
-        return self.curvature.norms(self.r, self.phi)
+        if "norm_sq" not in self._cache:
+            sq, quad = self.curvature.norms(self.r, self.phi)
+            self._cache.update(norm_sq=sq, norm_quad=quad)
+        return self._cache["norm_sq"], self._cache["norm_quad"]
 
-    @cached_property
     def _grad_sq_norms(self) -> torch.Tensor:
-        return self.r.square().sum(1) * self.phi.square().sum(1)
+        return self._cached("grad_sq", lambda: self.r.square().sum(1) * self.phi.square().sum(1))
 
     def _inv_norm(self, method: str) -> torch.Tensor:
-        if method in ("if", "grad_dot"):
-            return torch.ones_like(self._grad_sq_norms)
         if method == "theta_relatif":
-            return _safe_reciprocal(self._curvature_norms[0].sqrt())
+            return self._cached("inv_theta", lambda: _safe_reciprocal(self._curvature_norms()[0].sqrt()))
         if method == "l_relatif":
-            return _safe_reciprocal(self._curvature_norms[1].clamp_min(0).sqrt())
-        return _safe_reciprocal(self._grad_sq_norms.sqrt())  # grad_cos
+            return self._cached("inv_l", lambda: _safe_reciprocal(self._curvature_norms()[1].clamp_min(0).sqrt()))
+        if method == "grad_cos":
+            return self._cached("inv_grad", lambda: _safe_reciprocal(self._grad_sq_norms().sqrt()))
+        return self._cached("ones", lambda: torch.ones_like(self.phi[:, 0]))
+
+    def _rps_alpha(self) -> torch.Tensor:
+        """(N, C): RPS-l2's representer values, from the refit on first use."""
+        def fit():
+            theta, alpha = rps.fit_l2(self.phi, self.train.logits, self.config["rps_lambda"], init=self.theta)
+            self._cache["rps_l2_theta"] = theta
+            return alpha.to(self.phi.dtype)
+        return self._cached("rps_l2_alpha", fit)
+
+    def _lje(self):
+        """(Theta* (C, Dp) float64, residuals at Theta* (N, C), curvature at Theta*)."""
+        if self.theta is None:
+            raise ValueError("method 'rps_lje' needs the trained layer: pass weight= (and the bias "
+                             "vector as bias=) to the Attributor")
+        if self._lje_curvature is None:
+            theta_star = self._cached("lje_theta", lambda: rps.ascent_step(
+                self.phi, self.r, self.theta, self.config["lje_step"]))
+            logits_star = (self.phi.double() @ theta_star.T).to(self.phi.dtype)
+            self._cached("lje_r", lambda: ops.residuals(logits_star, self.train.labels))
+            self._lje_curvature = curv.build(self.curvature_name, self.damping,
+                                             self.config["kfac_damping"], self.phi, logits_star)
+        return self._cache["lje_theta"], self._cache["lje_r"], self._lje_curvature
+
+    def _knn_phi(self) -> torch.Tensor:
+        # -|f_t - f_i|^2 = [2 f_t, -1] . [f_i, |f_i|^2] - |f_t|^2: a dot product plus an offset.
+        f = self.train.features
+        return self._cached("knn_phi", lambda: torch.cat([f, f.square().sum(1, keepdim=True)], 1))
+
+    def _train_side(self, method: str):
+        """(R (N, C'), Phi (N, Dp'), inv_norm (N,)) for the score op."""
+        if method == "rps_l2":
+            return self._rps_alpha(), self.phi, self._inv_norm(method)
+        if method == "rps_lje":
+            return self._lje()[1], self.phi, self._inv_norm(method)
+        if method == "knn":
+            return torch.ones_like(self.phi[:, :1]), self._knn_phi(), self._inv_norm(method)
+        return self.r, self.phi, self._inv_norm(method)
+
+    # ---------------------------------------------------------------- test side
 
     def _check_method(self, method: str) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
-    def _test_operands(self, test: LastLayerData, method: str):
+    def _query(self, test: LastLayerData, method: str) -> _Query:
         self._check_method(method)
         if not isinstance(test, LastLayerData):
             raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
@@ -104,25 +224,42 @@ class Attributor:
             raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.phi.dtype}")
         if test.features.device != self.phi.device:
             raise ValueError(f"test is on {test.features.device} but train is on {self.phi.device}")
-        r = ops.residuals(test.logits, test.explained_labels())
+        explained = test.explained_labels()
         phi = self._augment(test.features)
+        if method == "knn":
+            f = test.features
+            return _Query(curv.Rank1(torch.ones_like(f[:, :1]), torch.cat([2 * f, -torch.ones_like(f[:, :1])], 1)),
+                          -f.square().sum(1))
+        if method in ("rps_l2", "rps_lje"):
+            onehot = _one_hot(explained, test.num_classes, phi)
+            if method == "rps_l2":
+                return _Query(curv.Rank1(onehot, phi), None)
+            theta_star, _, curvature_star = self._lje()
+            N = self.num_train
+            logit = (phi.double() @ theta_star.T).gather(1, explained.view(-1, 1)).view(-1)
+            return _Query(_scaled(curvature_star.precondition(onehot, phi), -1.0 / N),
+                          (logit / N).to(phi.dtype))
+        r = ops.residuals(test.logits, explained)
         if method == "grad_dot":
-            return curv.Rank1(r, phi)
+            return _Query(curv.Rank1(r, phi), None)
         if method == "grad_cos":
             scale = _safe_reciprocal((r.square().sum(1) * phi.square().sum(1)).sqrt())
-            return curv.Rank1(r * scale.unsqueeze(1), phi)
-        return self.curvature.precondition(r, phi)
+            return _Query(curv.Rank1(r * scale.unsqueeze(1), phi), None)
+        return _Query(self.curvature.precondition(r, phi), None)
 
     # ---------------------------------------------------------------- API
 
     def scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
         """(T, N): score(t, i) of every training example for every test example.
-        Positive = helpful (up-weighting i lowers the test loss)."""
-        pre = self._test_operands(test, method)
-        inv = self._inv_norm(method)
-        if isinstance(pre, curv.Rank1):
-            return ops.scores_rank1(pre.alpha, pre.beta, self.r, self.phi, inv)
-        return ops.scores(pre.S, self.r, self.phi, inv)
+        IF family: positive = helpful (up-weighting i lowers the test loss).
+        RPS: i's contribution to the explained logit. kNN: -|f_t - f_i|^2."""
+        q = self._query(test, method)
+        R, Phi, inv = self._train_side(method)
+        if isinstance(q.pre, curv.Rank1):
+            out = ops.scores_rank1(q.pre.alpha, q.pre.beta, R, Phi, inv)
+        else:
+            out = ops.scores(q.pre.S, R, Phi, inv)
+        return out if q.offset is None else out + q.offset.unsqueeze(1)
 
     def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True):
         """(values, indices), each (T, k), best first: the k most helpful training
@@ -130,16 +267,80 @@ class Attributor:
         (opponents). Never builds the (T, N) matrix."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
             raise ValueError(f"k must be an integer in [1, N] = [1, {self.num_train}], got {k!r}")
-        pre = self._test_operands(test, method)
-        inv = self._inv_norm(method)
-        if isinstance(pre, curv.Rank1):
-            return ops.topk_rank1(pre.alpha, pre.beta, self.r, self.phi, inv, k, largest)
-        return ops.topk(pre.S, self.r, self.phi, inv, k, largest)
+        q = self._query(test, method)
+        R, Phi, inv = self._train_side(method)
+        if isinstance(q.pre, curv.Rank1):
+            values, indices = ops.topk_rank1(q.pre.alpha, q.pre.beta, R, Phi, inv, k, largest)
+        else:
+            values, indices = ops.topk(q.pre.S, R, Phi, inv, k, largest)
+        return (values if q.offset is None else values + q.offset.unsqueeze(1)), indices
+
+    def total_scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
+        """(N,): sum over the test set of score(t, i), in one pass: the score is
+        linear in S_t, so the test side is summed first."""
+        q = self._query(test, method)
+        R, Phi, inv = self._train_side(method)
+        if isinstance(q.pre, curv.Rank1):
+            S = q.pre.alpha.T @ q.pre.beta
+        else:
+            S = q.pre.S.sum(0)
+        out = ops.scores(S.unsqueeze(0).contiguous(), R, Phi, inv)[0]
+        return out if q.offset is None else out + q.offset.sum()
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own
-        label; large values flag examples the model finds hard or mislabelled."""
+        label; large values flag examples the model finds hard or mislabelled
+        (for RPS, rank by the absolute value). kNN: 0 by definition."""
         self._check_method(method)
+        y = self.train.labels
+        if method == "knn":
+            return torch.zeros_like(self.phi[:, 0])
+        if method == "rps_l2":
+            return self._rps_alpha().gather(1, y.view(-1, 1)).view(-1) * self.phi.square().sum(1)
+        if method == "rps_lje":
+            theta_star, r_star, curvature_star = self._lje()
+            N = self.num_train
+            onehot = _one_hot(y, self.train.num_classes, self.phi)
+            # e_y^T H*^-1 (r*_i phi_i^T) phi_i by polarisation: both sides are rank 1 in phi_i.
+            cross = (curvature_star.norms(onehot + r_star, self.phi)[1]
+                     - curvature_star.norms(onehot - r_star, self.phi)[1]) / 4
+            logit = (self.phi.double() @ theta_star.T).gather(1, y.view(-1, 1)).view(-1)
+            return (logit.to(self.phi.dtype) - cross) / N
         if method in ("grad_dot", "grad_cos"):
-            return self._grad_sq_norms * self._inv_norm(method).square()
-        return self._curvature_norms[1] * self._inv_norm(method)
+            return self._grad_sq_norms() * self._inv_norm(method).square()
+        return self._curvature_norms()[1] * self._inv_norm(method)
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, config): everything fitted so far (curvature, normalisers,
+        RPS fits), so `from_state` rebuilds this Attributor without refitting."""
+        tensors = {"train.features": self.train.features, "train.logits": self.train.logits,
+                   "train.labels": self.train.labels}
+        if self.theta is not None:
+            tensors["theta"] = self.theta
+        kind, curvature_tensors = curv.state(self.curvature)
+        tensors.update({f"curvature.{k}": v for k, v in curvature_tensors.items()})
+        config = dict(self.config, curvature_kind=kind)
+        if self._lje_curvature is not None:
+            kind, lje_tensors = curv.state(self._lje_curvature)
+            tensors.update({f"lje_curvature.{k}": v for k, v in lje_tensors.items()})
+            config["lje_curvature_kind"] = kind
+        tensors.update({f"cache.{k}": v for k, v in self._cache.items()})
+        return {k: v.contiguous() for k, v in tensors.items()}, config
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict) -> "Attributor":
+        def group(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        train = LastLayerData(tensors["train.features"], tensors["train.logits"], tensors["train.labels"])
+        self = cls.__new__(cls)
+        self._setup(train, {k: v for k, v in config.items() if not k.endswith("_kind")}, tensors.get("theta"))
+        self.curvature = curv.from_state(config["curvature_kind"], group("curvature."))
+        if "lje_curvature_kind" in config:
+            self._lje_curvature = curv.from_state(config["lje_curvature_kind"], group("lje_curvature."))
+        self._cache = group("cache.")
+        return self
+
+    def __repr__(self) -> str:
+        return f"Attributor(N={self.num_train}, C={self.train.num_classes}, {json.dumps(self.config)})"

@@ -39,15 +39,18 @@ def inverse_damped(eigenvalues: torch.Tensor, damping: float) -> torch.Tensor:
 class Exact:
     """H_lambda^-1 as an explicit (C*Dp, C*Dp) matrix."""
 
-    def __init__(self, phi, logits, damping):
-        H = ops.exact_hessian(phi, logits)
-        e, V = torch.linalg.eigh(H)
-        self.hinv = ((V * inverse_damped(e, damping)) @ V.T).to(phi.dtype)
-        self.C, self.Dp = logits.shape[1], phi.shape[1]
+    def __init__(self, hinv):
+        self.hinv = hinv  # (C*Dp, C*Dp)
+
+    @classmethod
+    def fit(cls, phi, logits, damping):
+        e, V = torch.linalg.eigh(ops.exact_hessian(phi, logits))
+        return cls(((V * inverse_damped(e, damping)) @ V.T).to(phi.dtype))
 
     def precondition(self, r, phi):
-        g = (r.unsqueeze(2) * phi.unsqueeze(1)).reshape(r.shape[0], -1)
-        return General((g @ self.hinv).view(-1, self.C, self.Dp))
+        T, C, Dp = r.shape[0], r.shape[1], phi.shape[1]
+        g = (r.unsqueeze(2) * phi.unsqueeze(1)).reshape(T, C * Dp)
+        return General((g @ self.hinv).view(T, C, Dp))
 
     def norms(self, R, Phi):
         return ops.dense_norms(R, Phi, self.hinv)
@@ -57,8 +60,8 @@ class Eigenbasis:
     """H_lambda^-1 = (Q_G x Q_A) diag(w) (Q_G x Q_A)^T with a full (C, Dp) weight
     grid: K-FAC with eigenbasis damping, and EK-FAC."""
 
-    def __init__(self, qg, qa, w, dtype):
-        self.qg, self.qa, self.w = qg.to(dtype), qa.to(dtype), w.to(dtype)
+    def __init__(self, qg, qa, w):
+        self.qg, self.qa, self.w = qg, qa, w  # (C, C), (Dp, Dp), (C, Dp)
 
     def precondition(self, r, phi):
         rotated = (r @ self.qg).unsqueeze(2) * (phi @ self.qa).unsqueeze(1) * self.w
@@ -72,15 +75,18 @@ class Factored:
     """K-FAC with factored damping: (G + pi sqrt(l) I)^-1 x (A + sqrt(l)/pi I)^-1,
     a Kronecker product, so every S_t is rank 1."""
 
-    def __init__(self, qg, sg, qa, sa, damping, dtype):
+    def __init__(self, qg, qa, u, v):
+        self.qg, self.qa, self.u, self.v = qg, qa, u, v  # (C, C), (Dp, Dp), (C,), (Dp,)
+
+    @classmethod
+    def fit(cls, qg, sg, qa, sa, damping, dtype):
         C, Dp = sg.shape[0], sa.shape[0]
         mean_g, mean_a = float(sg.sum()) / C, float(sa.sum()) / Dp
         # pi balances the damping between the factors by their mean eigenvalue.
         pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
         root = math.sqrt(damping)
-        self.qg, self.qa = qg.to(dtype), qa.to(dtype)
-        self.u = inverse_damped(sg, pi * root).to(dtype)
-        self.v = inverse_damped(sa, root / pi).to(dtype)
+        return cls(qg.to(dtype), qa.to(dtype), inverse_damped(sg, pi * root).to(dtype),
+                   inverse_damped(sa, root / pi).to(dtype))
 
     def precondition(self, r, phi):
         return Rank1(((r @ self.qg) * self.u) @ self.qg.T, ((phi @ self.qa) * self.v) @ self.qa.T)
@@ -92,8 +98,12 @@ class Factored:
 class Identity:
     """H_lambda^-1 = I / lambda, or I when lambda = 0 (plain gradient dot products)."""
 
-    def __init__(self, damping):
-        self.scale = 1.0 / damping if damping > 0 else 1.0
+    def __init__(self, scale):
+        self.scale = scale  # 0-dim tensor
+
+    @classmethod
+    def fit(cls, damping, like):
+        return cls(like.new_tensor(1.0 / damping if damping > 0 else 1.0))
 
     def precondition(self, r, phi):
         return Rank1(r * self.scale, phi)
@@ -103,18 +113,33 @@ class Identity:
         return sq * self.scale**2, sq * self.scale
 
 
+KINDS = {cls.__name__: cls for cls in (Exact, Eigenbasis, Factored, Identity)}
+
+
+def state(curvature) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, tensors): everything needed to rebuild `curvature` without refitting."""
+    return type(curvature).__name__, dict(vars(curvature))
+
+
+def from_state(kind: str, tensors: dict[str, torch.Tensor]):
+    if kind not in KINDS:
+        raise ValueError(f"unknown curvature kind {kind!r}; expected one of {tuple(KINDS)}")
+    return KINDS[kind](**tensors)
+
+
 def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
     if curvature == "identity":
-        return Identity(damping)
+        return Identity.fit(damping, phi)
     if curvature == "exact":
-        return Exact(phi, logits, damping)
+        return Exact.fit(phi, logits, damping)
     A, G = ops.kfac_factors(phi, logits)
     sa, qa = torch.linalg.eigh(A)
     sg, qg = torch.linalg.eigh(G)
     if curvature == "kfac" and kfac_damping == "factored":
-        return Factored(qg, sg, qa, sa, damping, phi.dtype)
+        return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
     if curvature == "kfac":
         eig = torch.outer(sg, sa)
     else:
         eig = ops.ekfac_eigenvalues(phi, logits, qa, qg)
-    return Eigenbasis(qg, qa, inverse_damped(eig, damping), phi.dtype)
+    dtype = phi.dtype
+    return Eigenbasis(qg.to(dtype), qa.to(dtype), inverse_damped(eig, damping).to(dtype))

@@ -108,3 +108,76 @@ def scores(train_features, train_logits, train_labels, test_features, test_logit
 def self_influence(features, logits, labels, method: str, **kw) -> torch.Tensor:
     """(N,): the diagonal of the full train x train score matrix."""
     return torch.diagonal(scores(features, logits, labels, features, logits, labels, method, **kw))
+
+
+def knn_scores(train_features, test_features) -> torch.Tensor:
+    """(T, N): -|phi_t - phi_i|^2 on the raw features (no bias column)."""
+    diff = test_features.double().unsqueeze(1) - train_features.double().unsqueeze(0)
+    return -(diff**2).sum(2)
+
+
+def rps_l2_alpha(train_features, theta, target_logits, strength: float, bias: bool) -> torch.Tensor:
+    """(N, C): Yeh et al.'s representer values -(1/(2 lambda N)) dL/dz_i at the refit theta,
+    the soft targets being the model's own probabilities."""
+    phi = augment(train_features, bias)
+    residual = torch.softmax(phi @ theta.double().T, 1) - torch.softmax(target_logits.double(), 1)
+    return -residual / (2.0 * strength * phi.shape[0])
+
+
+def rps_l2_scores(train_features, alpha, test_features, test_labels, bias: bool) -> torch.Tensor:
+    """(T, N): alpha_{i,c} (phi_i . phi_t) for the explained class c of each test."""
+    phi, phi_t = augment(train_features, bias), augment(test_features, bias)
+    return alpha.double()[:, test_labels].T * (phi_t @ phi.T)
+
+
+def rps_lje_scores(train_features, train_labels, theta, test_features, test_labels, step: float,
+                   curvature: str = "exact", damping: float = 1e-3, bias: bool = True,
+                   kfac_damping: str = "eigenbasis") -> torch.Tensor:
+    """(T, N): Sui et al. Eq. 11 with explicit gradients and the explicit inverse at
+    Theta* = Theta + step * (mean training gradient at Theta)."""
+    phi, phi_t = augment(train_features, bias), augment(test_features, bias)
+    N, C = phi.shape[0], theta.shape[0]
+    grads = per_example_grads(train_features, phi @ theta.double().T, train_labels, bias)
+    theta_star = theta.double() + step * grads.mean(0).view(C, -1)
+    logits_star = phi @ theta_star.T
+    g_star = per_example_grads(train_features, logits_star, train_labels, bias)
+    hinv = inverse_curvature(train_features, logits_star, curvature, damping, bias, kfac_damping)
+    explained = torch.zeros(len(test_labels), C, dtype=torch.float64)
+    explained[torch.arange(len(test_labels)), test_labels] = 1.0
+    v = (explained.unsqueeze(2) * phi_t.unsqueeze(1)).reshape(len(test_labels), -1)
+    logit = (phi_t @ theta_star.T).gather(1, test_labels.view(-1, 1))
+    return logit / N - (v @ hinv @ g_star.T) / N
+
+
+def divine_objective(influence, kernel, chosen, gamma: float, regularizer: str) -> float:
+    """sum_{i in S} I_i + gamma * R(S), each R written out from its definition
+    (thesis §6.2) with the K candidates as the ground set D."""
+    K = len(influence)
+    S = list(chosen)
+    total = sum(float(influence[i]) for i in S)
+    if regularizer == "sum_redundancy":
+        R = float(kernel.sum()) - sum(float(kernel[u, v]) for u in S for v in S)
+    elif regularizer == "facility_location":
+        R = sum(max(float(kernel[u, v]) for v in S) for u in range(K)) if S else 0.0
+    elif regularizer == "mmd":
+        R = (2.0 / (K * len(S)) * sum(float(kernel[u, v]) for u in range(K) for v in S)
+             - 1.0 / len(S) ** 2 * sum(float(kernel[u, v]) for u in S for v in S)) if S else 0.0
+    else:
+        raise ValueError(regularizer)
+    return total + gamma * R
+
+
+def divine_greedy(influence, kernel, m: int, gamma: float, regularizer: str) -> list[int]:
+    """Brute-force greedy: at each step evaluate the whole objective for every
+    remaining candidate and keep the best (ties to the lower index)."""
+    chosen: list[int] = []
+    for _ in range(m):
+        best, best_value = None, -math.inf
+        for j in range(len(influence)):
+            if j in chosen:
+                continue
+            value = divine_objective(influence, kernel, chosen + [j], gamma, regularizer)
+            if value > best_value:
+                best, best_value = j, value
+        chosen.append(best)
+    return chosen

@@ -1,0 +1,120 @@
+"""DIVINE (Bhatt et al. 2021; thesis §6.2): m training points that are
+influential and diverse, maximising sum_{i in S} I_i + gamma * R(S) greedily,
+with R a submodular diversity term on an RBF kernel over the last-layer
+features. Candidates come from the fused top-k (per test) or from the summed
+scores (global); the greedy step is vectorised over tests and candidates."""
+from __future__ import annotations
+
+import torch
+
+from .attributor import Attributor
+from .data import LastLayerData
+
+REGULARIZERS = ("sum_redundancy", "facility_location", "mmd")
+
+
+def rbf_kernel(x: torch.Tensor, bandwidth: float | None = None) -> torch.Tensor:
+    """x (B, K, D) -> (B, K, K) exp(-|u - v|^2 / (2 sigma^2)); sigma defaults to
+    the median pairwise distance of each batch element's points."""
+    sq = torch.cdist(x, x).square()
+    if bandwidth is None:
+        K = x.shape[1]
+        off = sq[:, ~torch.eye(K, dtype=torch.bool, device=x.device)].view(x.shape[0], -1)
+        sigma_sq = off.median(dim=1).values if K > 1 else torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        sigma_sq = torch.where(sigma_sq > 0, sigma_sq, torch.ones_like(sigma_sq))
+    else:
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        sigma_sq = torch.full((x.shape[0],), float(bandwidth) ** 2, dtype=x.dtype, device=x.device)
+    return torch.exp(-sq / (2 * sigma_sq.view(-1, 1, 1)))
+
+
+def greedy_select(influence: torch.Tensor, kernel: torch.Tensor, m: int, gamma: float,
+                  regularizer: str) -> torch.Tensor:
+    """influence (B, K), kernel (B, K, K) -> (B, m) positions in K, in the order
+    chosen: each step adds the candidate with the largest I_j + gamma * (R(S+j) - R(S)).
+    The ground set of R is the K candidates. Ties go to the lower position."""
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+    B, K = influence.shape
+    if not 1 <= m <= K:
+        raise ValueError(f"m must be in [1, K] = [1, {K}] candidates, got {m}")
+    rows = torch.arange(B, device=influence.device)
+    diag = torch.diagonal(kernel, dim1=1, dim2=2)  # (B, K)
+    chosen = torch.zeros(B, K, dtype=torch.bool, device=influence.device)
+    sim_to_chosen = torch.zeros_like(influence)  # sum_{v in S} k(j, v)
+    coverage = torch.zeros_like(influence)  # max_{v in S} k(u, v)
+    mass_to_ground = kernel.sum(1)  # sum_{u in D} k(u, j)
+    cross, within = torch.zeros_like(influence[:, 0]), torch.zeros_like(influence[:, 0])
+    picks = []
+    for size in range(m):
+        if regularizer == "sum_redundancy":
+            gain = -(2 * sim_to_chosen + diag)
+        elif regularizer == "facility_location":
+            gain = (kernel - coverage.unsqueeze(2)).clamp_min(0).sum(1)
+        else:  # mmd: R(S) = 2/(K|S|) sum_{u in D, v in S} k - 1/|S|^2 sum_{u, v in S} k
+            after = (2 * (cross.unsqueeze(1) + mass_to_ground) / (K * (size + 1))
+                     - (within.unsqueeze(1) + 2 * sim_to_chosen + diag) / (size + 1) ** 2)
+            before = 2 * cross / (K * size) - within / size**2 if size else torch.zeros_like(cross)
+            gain = after - before.unsqueeze(1)
+        objective = (influence + gamma * gain).masked_fill(chosen, float("-inf"))
+        j = objective.argmax(dim=1)
+        picks.append(j)
+        chosen[rows, j] = True
+        k_j = kernel[rows, j]  # (B, K): k(u, j) for every u
+        cross = cross + mass_to_ground[rows, j]
+        within = within + 2 * sim_to_chosen[rows, j] + diag[rows, j]
+        sim_to_chosen = sim_to_chosen + k_j
+        coverage = torch.maximum(coverage, k_j)
+    return torch.stack(picks, dim=1)
+
+
+def _select(values, indices, features, m, gamma, regularizer, bandwidth, scale_influence):
+    influence = values
+    if scale_influence:  # gamma then weighs diversity against influence in units of the best one
+        influence = values / values.abs().amax(1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    kernel = rbf_kernel(features[indices], bandwidth)
+    pos = greedy_select(influence, kernel, m, gamma, regularizer)
+    return indices.gather(1, pos), values.gather(1, pos)
+
+
+def _num_candidates(attributor, m, candidates):
+    K = min(attributor.num_train, max(10 * m, 50)) if candidates is None else candidates
+    if not (isinstance(m, int) and 1 <= m <= K <= attributor.num_train):
+        raise ValueError(f"need 1 <= m <= candidates <= N={attributor.num_train}, got m={m!r}, "
+                         f"candidates={K!r}")
+    return K
+
+
+def divine(attributor: Attributor, test: LastLayerData, m: int, gamma: float = 1.0,
+           regularizer: str = "facility_location", method: str = "if",
+           candidates: int | None = None, bandwidth: float | None = None,
+           scale_influence: bool = True, chunk: int = 256):
+    """Per test: (indices (T, m), scores (T, m)) of m diverse influential training
+    points chosen from each test's top-`candidates` (default max(10m, 50)).
+    gamma=0 returns the top-m by score. With scale_influence the scores are
+    divided by each test's largest |score| before weighing them against gamma*R."""
+    K = _num_candidates(attributor, m, candidates)
+    out_idx, out_val = [], []
+    for start in range(0, len(test), chunk):  # bounds the (chunk, K, K) kernel
+        part = LastLayerData(test.features[start:start + chunk], test.logits[start:start + chunk],
+                             None if test.labels is None else test.labels[start:start + chunk])
+        values, indices = attributor.topk(part, K, method)
+        i, v = _select(values, indices, attributor.train.features, m, gamma, regularizer,
+                       bandwidth, scale_influence)
+        out_idx.append(i)
+        out_val.append(v)
+    return torch.cat(out_idx), torch.cat(out_val)
+
+
+def divine_global(attributor: Attributor, test: LastLayerData, m: int, gamma: float = 1.0,
+                  regularizer: str = "facility_location", method: str = "if",
+                  candidates: int | None = None, bandwidth: float | None = None,
+                  scale_influence: bool = True):
+    """For a whole test set: (indices (m,), summed scores (m,)) of m diverse
+    training points with the largest score summed over the tests."""
+    K = _num_candidates(attributor, m, candidates)
+    values, indices = attributor.total_scores(test, method).topk(K)
+    i, v = _select(values.unsqueeze(0), indices.unsqueeze(0), attributor.train.features, m, gamma,
+                   regularizer, bandwidth, scale_influence)
+    return i[0], v[0]
