@@ -1,0 +1,14 @@
+"""Reproductions of the papers' findings on real data: `python -m exemplar.repro NAME [--quick]`.
+Each experiment writes results/NAME/README.md (tables) and PNG figures."""
+from __future__ import annotations
+
+from . import barshan, sui, timing
+
+EXPERIMENTS = {
+    "barshan-table1": (barshan.table1, "Barshan Table 1 + Fig. 3-4 grid: influential-set cardinality and probability"),
+    "barshan-loo": (barshan.leave_one_out, "Barshan Tables 2, 4 and Fig. 6: leave-one-out retraining"),
+    "barshan-knn": (barshan.knn_overlap, "Barshan §4.3: overlap of top-k with the k nearest neighbours"),
+    "sui-debugging": (sui.debugging, "Sui Fig. 4: data debugging with flipped labels (German credit, XGBoost)"),
+    "sui-representers": (sui.representers, "Sui Table 4, Table 6 / Fig. 3b, Fig. 1b: RPS-l2 vs RPS-LJE"),
+    "thesis-timing": (timing.running_time, "Thesis Table 2: time per test point, IF vs RelatIF"),
+}

@@ -1,0 +1,34 @@
+"""python -m exemplar.repro NAME [--quick] [--out results]   (NAME: an experiment or "all")"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import EXPERIMENTS
+from .common import Results
+
+
+def run(name: str, quick: bool, out: str = "results") -> dict:
+    experiment, _ = EXPERIMENTS[name]
+    results = Results(out, name, quick)
+    summary = experiment(quick, results)
+    path = results.write()
+    (results.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"wrote {path}")
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m exemplar.repro", description=__doc__,
+                                     epilog="\n".join(f"{k}: {d}" for k, (_, d) in EXPERIMENTS.items()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=list(EXPERIMENTS) + ["all"])
+    parser.add_argument("--quick", action="store_true", help="small settings, <= 2 minutes on 2 CPU cores")
+    parser.add_argument("--out", default="results", help="results folder (default: results)")
+    args = parser.parse_args(argv)
+    for name in EXPERIMENTS if args.name == "all" else [args.name]:
+        run(name, args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()
