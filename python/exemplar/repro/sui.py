@@ -65,7 +65,7 @@ def debugging(quick: bool, results: Results) -> dict:
                   "and random; accuracy recovers fastest with RPS-LJE.")
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     for m, name in DEBUG_NAMES.items():
-        ax.plot(checked, found[m], marker="o", ms=3, label=name)
+        ax.plot(checked, found[m].numpy(), marker="o", ms=3, label=name)
     ax.set_xlabel("fraction of training data checked")
     ax.set_ylabel("fraction of flipped labels found")
     ax.set_title("German credit, XGBoost", fontsize=9)
