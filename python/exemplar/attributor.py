@@ -26,12 +26,6 @@ def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
 
 
-def _one_hot(labels: torch.Tensor, C: int, like: torch.Tensor) -> torch.Tensor:
-    out = like.new_zeros(labels.shape[0], C)
-    out[torch.arange(labels.shape[0], device=labels.device), labels] = 1.0
-    return out
-
-
 def _scaled(pre, factor: float):
     if isinstance(pre, curv.Rank1):
         return curv.Rank1(pre.alpha * factor, pre.beta)
@@ -231,7 +225,7 @@ class Attributor:
             return _Query(curv.Rank1(torch.ones_like(f[:, :1]), torch.cat([2 * f, -torch.ones_like(f[:, :1])], 1)),
                           -f.square().sum(1))
         if method in ("rps_l2", "rps_lje"):
-            onehot = _one_hot(explained, test.num_classes, phi)
+            onehot = torch.nn.functional.one_hot(explained, test.num_classes).to(phi.dtype)
             if method == "rps_l2":
                 return _Query(curv.Rank1(onehot, phi), None)
             theta_star, _, curvature_star = self._lje()
@@ -300,7 +294,7 @@ class Attributor:
         if method == "rps_lje":
             theta_star, r_star, curvature_star = self._lje()
             N = self.num_train
-            onehot = _one_hot(y, self.train.num_classes, self.phi)
+            onehot = torch.nn.functional.one_hot(y, self.train.num_classes).to(self.phi.dtype)
             # e_y^T H*^-1 (r*_i phi_i^T) phi_i by polarisation: both sides are rank 1 in phi_i.
             cross = (curvature_star.norms(onehot + r_star, self.phi)[1]
                      - curvature_star.norms(onehot - r_star, self.phi)[1]) / 4

@@ -115,9 +115,7 @@ def debug_labels(retrain: Callable[[torch.Tensor], Fit], labels: torch.Tensor, n
     report = DebugReport(fraction, list(checked), {m: found_fraction(o, flipped, checked) for m, o in orders.items()},
                          accuracy_checked=list(accuracy_checked),
                          accuracy_clean=clean_fit.test_accuracy, accuracy_noisy=fit.test_accuracy)
-    for m, order in orders.items():
-        if not accuracy_checked:
-            break
+    for m, order in orders.items() if accuracy_checked else ():
         report.accuracy[m] = []
         for c in accuracy_checked:
             fixed = noisy.clone()
