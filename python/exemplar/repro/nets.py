@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import exemplar
+from exemplar.progress import Progress
 
 
 def conv_net(num_classes: int = 10) -> nn.Sequential:
@@ -51,16 +52,19 @@ class CharGRU(nn.Module):
 
 
 def train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float = 3e-3,
-          batch_size: int = 128, weight_decay: float = 0.0, seed: int = 0) -> nn.Module:
-    """Adam on the mean cross-entropy, minibatches in a seeded order."""
+          batch_size: int = 128, weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> nn.Module:
+    """Adam on the mean cross-entropy, minibatches in a seeded order; a progress line per epoch if asked."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr, weight_decay=weight_decay)
+    bar = Progress(f"train {type(model).__name__}, epochs", epochs, progress)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(labels), generator=g).split(batch_size):
             opt.zero_grad()
             nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
             opt.step()
+        bar.update()
+    bar.close()
     model.eval()
     return model
 
