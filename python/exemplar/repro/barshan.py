@@ -25,21 +25,22 @@ def _datasets(quick: bool):
              lambda: datasets.fashion_mnist(pool=4))]
 
 
-def influential_sets(attr, test) -> dict:
-    """Per method: cardinality and member probabilities p(y_i | x_i) of the top-1 and top-5 sets."""
+def influential_sets(attr, test) -> tuple[dict, dict]:
+    """(per method and k: cardinality and member probabilities p(y_i | x_i) of the top-1
+    and top-5 sets; per method: the (T, 5) top-5 indices they come from)."""
     p_own = torch.softmax(attr.train.logits, 1).gather(1, attr.train.labels.view(-1, 1)).view(-1)
-    out = {}
+    out, top5 = {}, {}
     for method in RELATIF:
-        indices = attr.topk(test, 5, method)[1]
+        top5[method] = attr.topk(test, 5, method)[1]
         for k in (1, 5):
-            members = torch.unique(indices[:, :k])
+            members = torch.unique(top5[method][:, :k])
             out[method, k] = (len(members), p_own[members])
-    return out
+    return out, top5
 
 
-def _table1(attr, test, heading: str, results: Results) -> dict:
-    """Adds Table 1's rows for one model and returns them as a summary."""
-    sets = influential_sets(attr, test)
+def _table1(attr, test, heading: str, results: Results) -> tuple[dict, dict]:
+    """Adds Table 1's rows for one model; returns them as a summary, and the top-5 indices per method."""
+    sets, top5 = influential_sets(attr, test)
     T, N = len(test), len(attr.train)
     rows = [[NAMES[m], sets[m, 1][0], sets[m, 5][0], f"{sets[m, 1][0] / min(T, N):.3f}",
              f"{sets[m, 5][0] / min(5 * T, N):.3f}", mean_sd(sets[m, 1][1]), mean_sd(sets[m, 5][1])]
@@ -47,8 +48,9 @@ def _table1(attr, test, heading: str, results: Results) -> dict:
     results.add(heading + "\n\n" + table(
         ["method", "top-1 cardinality", "top-5 cardinality", "top-1 / max", "top-5 / max",
          "top-1 mean p(y_i)", "top-5 mean p(y_i)"], rows))
-    return {m: {"card1": sets[m, 1][0], "card5": sets[m, 5][0],
-                "prob1": float(sets[m, 1][1].mean()), "prob5": float(sets[m, 5][1].mean())} for m in RELATIF}
+    summary = {m: {"card1": sets[m, 1][0], "card5": sets[m, 5][0],
+                   "prob1": float(sets[m, 1][1].mean()), "prob5": float(sets[m, 5][1].mean())} for m in RELATIF}
+    return summary, top5
 
 
 def table1(quick: bool, results: Results) -> dict:
@@ -57,12 +59,12 @@ def table1(quick: bool, results: Results) -> dict:
         Xtr, ytr, Xte, yte = load()
         model = LogisticRegression(Xtr, ytr)
         attr, test = model.attributor(), model.data(Xte)  # explains the predicted label
-        summary[label] = _table1(attr, test, f"### Logistic regression on {label}\n\n{len(ytr)} training, "
+        summary[label], top5 = _table1(attr, test, f"### Logistic regression on {label}\n\n{len(ytr)} training, "
                                  f"{len(Xte)} test points (all explained, predicted label), test accuracy "
                                  f"{model.accuracy(Xte, yte):.3f}, weight decay {model.wd}, exact Hessian.", results)
         if label.startswith("MNIST"):
             side = int(Xte.shape[1] ** 0.5)
-            grid(attr, test, Xtr.view(-1, side, side), Xte.view(-1, side, side), yte, results)
+            grid(attr, test, top5, Xtr.view(-1, side, side), Xte.view(-1, side, side), yte, results)
     results.add("Paper (LR on MNIST 60k/10k, 28×28): top-1 cardinality IF 2704, θ-RelatIF 8582, "
                 "ℓ-RelatIF 8776; top-1 mean probability 0.168, 0.929, 0.938.")
     return summary
@@ -83,33 +85,31 @@ def convnet_table1(quick: bool, results: Results) -> dict:
     _, test = nets.last_layer(model, images_te)
     attr = exemplar.Attributor(train, curvature="ekfac", damping=0.1, weight=hook.weight.double(),
                                bias=hook.bias.double())
-    summary = _table1(attr, test, f"### ConvNet 16C-32C-64C-F on {label}\n\n{len(ytr)} training, {len(yte)} "
+    summary, top5 = _table1(attr, test, f"### ConvNet 16C-32C-64C-F on {label}\n\n{len(ytr)} training, {len(yte)} "
                       f"test points (all explained, predicted label); Adam, {epochs} epochs, test accuracy "
                       f"{nets.accuracy(test, yte):.3f}; last layer (576 features), EK-FAC curvature, damping 0.1.",
                       results)
-    grid(attr, test, Xtr.view(-1, 28, 28), Xte.view(-1, 28, 28), yte, results)
+    grid(attr, test, top5, Xtr.view(-1, 28, 28), Xte.view(-1, 28, 28), yte, results)
     results.add("Paper (ConvNet on CIFAR-10, test accuracy 0.732): top-1 / top-5 cardinality IF 2279 / 4869, "
                 "θ-RelatIF 8264 / 26381, ℓ-RelatIF 8336 / 26550; top-1 mean probability 0.431, 0.918, 0.931.")
     return summary
 
 
-def grid(attr, test, images_tr, images_te, yte, results: Results, rows: int = 4) -> None:
+def grid(attr, test, top5: dict, images_tr, images_te, yte, results: Results, rows: int = 4) -> None:
     """Barshan Fig. 3-5: each row a test image, its top-5 by IF, its top-5 by θ-RelatIF.
-    images_* (n, H, W); attr.train.labels are the training labels."""
+    top5: influential_sets' (T, 5) indices per method; images_* (n, H, W)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = exemplar.LastLayerData(test.features[:rows], test.logits[:rows])
     ytr, pred_tr = attr.train.labels, attr.train.logits.argmax(1)
     fig, axes = plt.subplots(rows, 11, figsize=(11 * 1.1, rows * 1.35))
-    picks = {m: attr.topk(first, 5, m)[1] for m in ("if", "theta_relatif")}
-    pred_te = first.logits.argmax(1)
+    pred_te = test.logits[:rows].argmax(1)
     for r in range(rows):
         panels = [(images_te[r], f"test y={int(yte[r])}\npred={int(pred_te[r])}", "black")]
         for m in ("if", "theta_relatif"):
-            for i in picks[m][r].tolist():
+            for i in top5[m][r].tolist():
                 wrong = int(pred_tr[i]) != int(ytr[i])
                 panels.append((images_tr[i], f"{NAMES[m]}\ny={int(ytr[i])} p={int(pred_tr[i])}",
                                "red" if wrong else "black"))
@@ -245,10 +245,10 @@ def surnames(quick: bool, results: Results) -> dict:
                f"names; Adam, {epochs} epochs, test accuracy {nets.accuracy(test, labels[te]):.3f}; last layer "
                "(128 features), exact Hessian, damping 0.01. Influential sets over all test names (Table 1's "
                "statistics):")
-    summary = {"table1": _table1(attr, test, heading, results)}
+    table1_summary, picks = _table1(attr, test, heading, results)
+    summary = {"table1": table1_summary}
     train_names, test_names = [names[i] for i in tr.tolist()], [names[i] for i in te.tolist()]
     pred_tr, pred_te = train.logits.argmax(1), test.logits.argmax(1)
-    picks = {m: attr.topk(test, 5, m)[1] for m in RELATIF}
     rows = []
     for m in RELATIF:
         misclassified = float((pred_tr[picks[m]] != train.labels[picks[m]]).double().mean())
