@@ -28,6 +28,16 @@ at::Tensor outer_rows(const at::Tensor& rows, const at::Tensor& cols) {
   return (rows.unsqueeze(2) * cols.unsqueeze(1)).reshape({rows.size(0), -1});
 }
 
+// x (n, m), Q (m, m) -> (x Q)^2 in float64, (n, m). The rotation runs in x's
+// dtype on rows scaled by a power of two (exact), so |x Q| stays near 1; the
+// squares and everything after are float64, because w ~ 1/|phi|^2 and the
+// squares of features beyond ~1e9 leave float32's range.
+at::Tensor rotated_squares(const at::Tensor& x, const at::Tensor& Q) {
+  auto peak = x.abs().amax(1, /*keepdim=*/true);
+  auto scale = at::where(peak > 0, at::exp2(at::floor(at::log2(peak))), at::ones_like(peak));
+  return at::mm(x / scale, Q).to(at::kDouble).mul_(scale.to(at::kDouble)).square_();
+}
+
 }  // namespace
 
 // The curvature statistics accumulate in float64 whatever the input dtype:
@@ -111,14 +121,15 @@ std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R_, const 
   auto dtype = R.scalar_type();
   auto QG = QG_.to(dtype);
   auto QA = QA_.to(dtype);
-  auto weights = at::cat({w * w, w}, 1).to(dtype);  // (C, 2 Dp)
+  auto w64 = w.to(at::kDouble);
+  auto weights = at::cat({w64 * w64, w64}, 1);  // (C, 2 Dp)
   auto sq_norm = at::empty({N}, R.options());
   auto quad = at::empty({N}, R.options());
   const int64_t rows = chunk_rows(3 * Dp);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
-    auto r_rot = at::mm(R.narrow(0, n0, n), QG).square_();
-    auto phi_rot = at::mm(Phi.narrow(0, n0, n), QA).square_();
+    auto r_rot = rotated_squares(R.narrow(0, n0, n), QG);
+    auto phi_rot = rotated_squares(Phi.narrow(0, n0, n), QA);
     auto both = at::mm(r_rot, weights);
     sq_norm.narrow(0, n0, n).copy_((both.narrow(1, 0, Dp) * phi_rot).sum(1));
     quad.narrow(0, n0, n).copy_((both.narrow(1, Dp, Dp) * phi_rot).sum(1));
@@ -141,9 +152,9 @@ std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R_, const at::T
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
-    auto y = at::mm(g, Hinv);
-    sq_norm.narrow(0, n0, n).copy_((y * y).sum(1));
-    quad.narrow(0, n0, n).copy_((y * g).sum(1));
+    auto y = at::mm(g, Hinv).to(at::kDouble);  // squared in float64: |Hinv g| ~ 1/|phi|
+    sq_norm.narrow(0, n0, n).copy_(y.square().sum(1));
+    quad.narrow(0, n0, n).copy_((y * g.to(at::kDouble)).sum(1));
   }
   return {sq_norm, quad};
 }

@@ -108,6 +108,17 @@ inline void check_logits_labels(const char* op, const at::Tensor& logits,
   EXEMPLAR_CHECK_SIZE(op, labels, 0, logits.size(0), "(N,)", "N from logits");
 }
 
+// labels (N,) int64 in [0, C), on any device. On CUDA this costs one host sync,
+// which buys a catchable error where a device assert would kill the context.
+inline void check_labels_in_range(const char* op, const at::Tensor& labels, int64_t C) {
+  if (labels.numel() == 0) return;
+  auto bad = at::logical_or(labels < 0, labels >= C);
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK(false, op, ": labels must be in [0, C) = [0, ", C, "), got labels[", i, "]=",
+              labels[i].item<int64_t>());
+}
+
 // Phi (N, Dp), logits (N, C): the inputs of every curvature statistic.
 inline void check_phi_logits(const char* op, const at::Tensor& Phi, const at::Tensor& logits) {
   EXEMPLAR_CHECK_DIM(op, Phi, 2, "(N, Dp)");

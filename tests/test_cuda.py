@@ -116,3 +116,31 @@ def test_wrong_device_is_a_clear_error():
     S, R, Phi, inv = general_operands(2, 30, 3, 5, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="exemplar::topk: Phi is on cpu but R is on cuda"):
         ops.topk(S.to(CUDA), R.to(CUDA), Phi, inv.to(CUDA), 3)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("N", [5, 300, 5000])
+def test_topk_special_values_and_ties_match_cpu(N, largest):
+    """RankOrder on the GPU: NaN last, +-inf as values, ties by ascending index,
+    the same indices as the CPU for every k."""
+    g = torch.Generator().manual_seed(N)
+    target = torch.randint(-2, 3, (N,), generator=g).double()
+    target[torch.randperm(N, generator=g)[: N // 5]] = float("nan")
+    target[torch.randperm(N, generator=g)[: N // 7]] = float("inf")
+    target[torch.randperm(N, generator=g)[: N // 7]] = -float("inf")
+    one = torch.ones(1, 1, dtype=torch.float64)
+    args = [one, one, torch.ones(N, 1, dtype=torch.float64), target.view(-1, 1), torch.ones(N, dtype=torch.float64)]
+    for k in sorted({1, min(7, N), N // 2, N}):
+        want = ops.topk_rank1(*args, k, largest)
+        got = ops.topk_rank1(*[a.to(CUDA) for a in args], k, largest)
+        assert torch.equal(got[1].cpu(), want[1])
+        torch.testing.assert_close(got[0].cpu(), want[0], equal_nan=True)
+
+
+def test_residuals_bad_label_is_catchable_on_cuda():
+    data = make_data(20, 3, 4, seed=2, device=CUDA)
+    labels = data.labels.clone()
+    labels[7] = 3
+    with pytest.raises(RuntimeError, match=r"exemplar::residuals: labels must be in \[0, C\) = \[0, 3\), got labels\[7\]=3"):
+        ops.residuals(data.logits, labels)
+    assert ops.residuals(data.logits, data.labels).shape == (20, 3)  # the CUDA context survived

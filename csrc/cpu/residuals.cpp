@@ -16,11 +16,8 @@ at::Tensor residuals_cpu(const at::Tensor& logits_, const at::Tensor& labels_) {
   auto labels = labels_.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   TORCH_CHECK(C >= 1, op, ": logits must have C >= 1 classes, got shape ", logits.sizes());
+  check_labels_in_range(op, labels, C);
   const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(y[i] >= 0 && y[i] < C, op, ": labels must be in [0, C) = [0, ", C,
-                "), got labels[", i, "]=", y[i]);
-  }
   auto out = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "residuals_cpu", [&] {
     const scalar_t* z = logits.data_ptr<scalar_t>();

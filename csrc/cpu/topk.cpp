@@ -7,34 +7,36 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <numeric>
 #include <vector>
 
 #include "../exemplar.h"
+#include "../order.h"
 #include "../tiles.h"
 
 namespace exemplar {
 namespace {
 
+// A size-k heap per test row whose root is its worst kept entry under
+// RankOrder. Slots with index -1 are empty and rank after everything, so the
+// root is empty until the heap is full.
 template <typename scalar_t, bool Largest>
 struct RowHeap {
-  static bool better(scalar_t a, scalar_t b) { return Largest ? a > b : a < b; }
-  static scalar_t worst() {
-    return Largest ? -std::numeric_limits<scalar_t>::infinity()
-                   : std::numeric_limits<scalar_t>::infinity();
+  using Order = RankOrder<scalar_t, Largest>;
+
+  static bool worse(scalar_t v1, int64_t i1, scalar_t v2, int64_t i2) {
+    if (i1 < 0 || i2 < 0) return i1 < 0 && i2 >= 0;
+    return Order::before(v2, i2, v1, i1);
   }
 
-  // A heap whose slots have index -1 is not yet full; ties with the root keep
-  // the earlier training index.
   static void push(scalar_t* val, int64_t* idx, int64_t k, scalar_t x, int64_t i) {
-    if (idx[0] >= 0 && !better(x, val[0])) return;
+    if (idx[0] >= 0 && !Order::before(x, i, val[0], idx[0])) return;
     int64_t pos = 0;
     for (;;) {
       int64_t child = 2 * pos + 1;
       if (child >= k) break;
-      if (child + 1 < k && better(val[child], val[child + 1])) ++child;  // worse child
-      if (!better(x, val[child])) break;
+      if (child + 1 < k && worse(val[child + 1], idx[child + 1], val[child], idx[child])) ++child;
+      if (!worse(val[child], idx[child], x, i)) break;
       val[pos] = val[child];
       idx[pos] = idx[child];
       pos = child;
@@ -43,15 +45,12 @@ struct RowHeap {
     idx[pos] = i;
   }
 
-  // Best first; equal scores by ascending training index.
   static void sort(scalar_t* val, int64_t* idx, int64_t k, std::vector<int64_t>& order,
                    std::vector<scalar_t>& v, std::vector<int64_t>& ix) {
     order.resize(k);
     std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      if (val[a] != val[b]) return better(val[a], val[b]);
-      return idx[a] < idx[b];
-    });
+    std::sort(order.begin(), order.end(),
+              [&](int64_t a, int64_t b) { return Order::before(val[a], idx[a], val[b], idx[b]); });
     v.assign(val, val + k);
     ix.assign(idx, idx + k);
     for (int64_t j = 0; j < k; ++j) {
@@ -65,7 +64,6 @@ template <typename scalar_t, bool Largest>
 void stream_topk(TileScorer& scorer, int64_t N, int64_t k, at::Tensor& values,
                  at::Tensor& indices) {
   using Heap = RowHeap<scalar_t, Largest>;
-  values.fill_(Heap::worst());
   indices.fill_(-1);
   scalar_t* val = values.data_ptr<scalar_t>();
   int64_t* idx = indices.data_ptr<int64_t>();

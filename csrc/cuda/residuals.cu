@@ -36,7 +36,6 @@ __global__ void residuals_kernel(const scalar_t* __restrict__ logits,  // (N, C)
   const scalar_t* z = logits + row * C;
   scalar_t* r = out + row * C;
   const int64_t y = labels[row];
-  CUDA_KERNEL_ASSERT(y >= 0 && y < C && "exemplar::residuals: labels must be in [0, C)");
   scalar_t zmax = -INFINITY;
   for (int64_t c = lane; c < C; c += 32) zmax = max(zmax, z[c]);
   zmax = warp_max(zmax);
@@ -55,6 +54,7 @@ at::Tensor residuals_cuda(const at::Tensor& logits_, const at::Tensor& labels_) 
   auto labels = labels_.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
   TORCH_CHECK(C >= 1, "exemplar::residuals: logits must have C >= 1 classes, got shape ", logits.sizes());
+  check_labels_in_range("exemplar::residuals", labels, C);
   auto out = at::empty_like(logits);
   if (N == 0) return out;
   const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock);

@@ -14,8 +14,8 @@
 // Phase 2 (merge_splits_kernel): per row, the splits' sorted lists are merged
 // by rank (binary search of each element in every other list).
 //
-// Order: score first (descending if largest), then training index ascending,
-// a strict total order, so ranks are unique and ties resolve as on the CPU.
+// Order: RankOrder (csrc/order.h), shared with the CPU: a strict total order
+// with NaN last, so ranks are unique and every device returns the same indices.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,6 +24,7 @@
 #include <limits>
 
 #include "../exemplar.h"
+#include "../order.h"
 
 namespace exemplar {
 namespace {
@@ -35,16 +36,7 @@ constexpr int kBK = 16;        // reduction depth per shared-memory stage
 constexpr int kWarps = kThreads / 32;
 
 template <typename scalar_t, bool Largest>
-struct Order {
-  __device__ static bool before(scalar_t v1, int i1, scalar_t v2, int i2) {
-    if (v1 != v2) return Largest ? v1 > v2 : v1 < v2;
-    return i1 < i2;
-  }
-  __host__ __device__ static scalar_t worst() {
-    return Largest ? -std::numeric_limits<scalar_t>::infinity()
-                   : std::numeric_limits<scalar_t>::infinity();
-  }
-};
+using Order = RankOrder<scalar_t, Largest>;
 
 // Number of entries of the sorted list (vals, idx)[0, len) that come before (v, i).
 template <typename scalar_t, bool Largest>
@@ -223,7 +215,7 @@ stream_topk_kernel(const scalar_t* __restrict__ left,   // S_flat (T, C*Dp) or a
     sh.count[r] = 0;
     sh.len[r] = 0;
     sh.buffer[r] = 0;
-    sh.thr_v[r] = O::worst();
+    sh.thr_v[r] = scalar_t(0);  // read only once len == k
     sh.thr_i[r] = 0;
   }
   __syncthreads();
@@ -264,7 +256,6 @@ stream_topk_kernel(const scalar_t* __restrict__ left,   // S_flat (T, C*Dp) or a
         const int64_t n = n0 + tx + 16 * j;
         if (n >= n_end) continue;
         const scalar_t v = acc[i][j] * inv_norm[n];
-        if (v != v) continue;  // NaN never ranks
         if (full && !O::before(v, static_cast<int>(n), sh.thr_v[r], sh.thr_i[r])) continue;
         const int slot = atomicAdd(&sh.count[r], 1);
         sh.cand_v[r * kBN + slot] = v;
@@ -305,11 +296,8 @@ merge_splits_kernel(Workspace<scalar_t> ws,
   const int64_t k = ws.k;
   scalar_t* ov = out_v + t * k;
   int64_t* oi = out_i + t * k;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) {  // short only if NaNs were dropped
-    ov[j] = Order<scalar_t, Largest>::worst();
-    oi[j] = -1;
-  }
-  __syncthreads();
+  // Every split keeps min(k, its rows) entries and the splits cover N >= k
+  // rows, so the ranks fill out[0, k) exactly once.
   for (int64_t s = 0; s < ws.splits; ++s) {
     const scalar_t* sv = ws.vals + ws.offset(0, t, s);
     const int* si = ws.idx + ws.offset(0, t, s);

@@ -44,6 +44,45 @@ def _check_number(name, value, low, strict):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
+def _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, prefix=""):
+    """The Attributor's settings, checked the same way when given and when loaded."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"{prefix}curvature must be one of {CURVATURES}, got {curvature!r}")
+    if kfac_damping not in KFAC_DAMPINGS:
+        raise ValueError(f"{prefix}kfac_damping must be one of {KFAC_DAMPINGS}, got {kfac_damping!r}")
+    _check_number(f"{prefix}damping", damping, 0, strict=False)
+    _check_number(f"{prefix}rps_lambda", rps_lambda, 0, strict=True)
+    _check_number(f"{prefix}lje_step", lje_step, 0, strict=False)
+
+
+def _check_magnitude(name: str, features: torch.Tensor) -> None:
+    """Every score multiplies features by features (kNN distances, gradient dot
+    products, Gram blocks): refuse rows whose squared norm the dtype cannot hold."""
+    if features.numel() == 0:
+        return
+    limit = torch.finfo(features.dtype).max / 16
+    largest = float(features.double().square().sum(1).max())
+    if largest > limit:
+        raise ValueError(f"{name} are too large for {features.dtype}: the largest squared row norm is "
+                         f"{largest:.3g}, beyond {limit:.3g}, so scores would overflow; pass float64 "
+                         "features or rescale them")
+
+
+def _check_largest(largest) -> None:
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be True or False, got {largest!r}")
+
+
+# Shapes (in N, C, D, Dp) and dtypes ("data" = the training data's) of the
+# tensors an Attributor caches, for validating saved state.
+_CACHE_SPEC = {
+    "norm_sq": ("N",), "norm_quad": ("N",), "grad_sq": ("N",), "inv_theta": ("N",), "inv_l": ("N",),
+    "inv_grad": ("N",), "ones": ("N",), "rps_l2_alpha": ("N", "C"), "lje_r": ("N", "C"),
+    "knn_phi": ("N", "D+1"), "rps_l2_theta": ("C", "Dp", torch.float64),
+    "lje_theta": ("C", "Dp", torch.float64),
+}
+
+
 class Attributor:
     """Explains test predictions by training examples.
 
@@ -67,13 +106,10 @@ class Attributor:
             raise ValueError("train is empty: the training set needs at least one example (N >= 1)")
         if train.labels is None:
             raise ValueError("train.labels is None: training examples need their labels")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if kfac_damping not in KFAC_DAMPINGS:
-            raise ValueError(f"kfac_damping must be one of {KFAC_DAMPINGS}, got {kfac_damping!r}")
-        _check_number("damping", damping, 0, strict=False)
-        _check_number("rps_lambda", rps_lambda, 0, strict=True)
-        _check_number("lje_step", lje_step, 0, strict=False)
+        _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step)
+        if train.features.shape[1] == 0 and not (isinstance(bias, torch.Tensor) or bias):
+            raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
+        _check_magnitude("features", train.features)
         config = dict(curvature=curvature, damping=float(damping), kfac_damping=kfac_damping,
                       rps_lambda=float(rps_lambda), lje_step=float(lje_step),
                       bias=bool(isinstance(bias, torch.Tensor) or bias))
@@ -110,7 +146,8 @@ class Attributor:
             raise ValueError("bias=True with a weight: pass the layer's bias vector (C,) as bias=")
         if vector is not None and (vector.dim() != 1 or vector.shape[0] != C):
             raise ValueError(f"bias must have shape (C,) = ({C},), got {tuple(vector.shape)}")
-        theta = weight.double() if vector is None else torch.cat([weight.double(), vector.double().view(C, 1)], 1)
+        weight = weight.detach()
+        theta = weight.double() if vector is None else torch.cat([weight.double(), vector.detach().double().view(C, 1)], 1)
         if not bool(torch.isfinite(theta).all()):
             raise ValueError("weight and bias must be finite")
         phi = train.features.double()
@@ -149,7 +186,8 @@ class Attributor:
         return self._cache["norm_sq"], self._cache["norm_quad"]
 
     def _grad_sq_norms(self) -> torch.Tensor:
-        return self._cached("grad_sq", lambda: self.r.square().sum(1) * self.phi.square().sum(1))
+        return self._cached("grad_sq", lambda: (self.r.double().square().sum(1)
+                                                * self.phi.double().square().sum(1)).to(self.phi.dtype))
 
     def _inv_norm(self, method: str) -> torch.Tensor:
         if method == "theta_relatif":
@@ -218,6 +256,7 @@ class Attributor:
             raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.phi.dtype}")
         if test.features.device != self.phi.device:
             raise ValueError(f"test is on {test.features.device} but train is on {self.phi.device}")
+        _check_magnitude("test.features", test.features)
         explained = test.explained_labels()
         phi = self._augment(test.features)
         if method == "knn":
@@ -237,8 +276,8 @@ class Attributor:
         if method == "grad_dot":
             return _Query(curv.Rank1(r, phi), None)
         if method == "grad_cos":
-            scale = _safe_reciprocal((r.square().sum(1) * phi.square().sum(1)).sqrt())
-            return _Query(curv.Rank1(r * scale.unsqueeze(1), phi), None)
+            norms = (r.double().square().sum(1) * phi.double().square().sum(1)).sqrt()
+            return _Query(curv.Rank1(r * _safe_reciprocal(norms).to(r.dtype).unsqueeze(1), phi), None)
         return _Query(self.curvature.precondition(r, phi), None)
 
     # ---------------------------------------------------------------- API
@@ -261,6 +300,7 @@ class Attributor:
         (opponents). Never builds the (T, N) matrix."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
             raise ValueError(f"k must be an integer in [1, N] = [1, {self.num_train}], got {k!r}")
+        _check_largest(largest)
         q = self._query(test, method)
         R, Phi, inv = self._train_side(method)
         if isinstance(q.pre, curv.Rank1):
@@ -325,6 +365,10 @@ class Attributor:
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict) -> "Attributor":
+        """Rebuilds an Attributor from `state_dict()` output without refitting.
+        Every key and tensor is checked first (shape, dtype, finiteness, and
+        that the settings agree with the tensors); errors name the key."""
+        _validate_state(tensors, config)
         def group(prefix):
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         train = LastLayerData(tensors["train.features"], tensors["train.logits"], tensors["train.labels"])
@@ -338,3 +382,63 @@ class Attributor:
 
     def __repr__(self) -> str:
         return f"Attributor(N={self.num_train}, C={self.train.num_classes}, {json.dumps(self.config)})"
+
+
+_CONFIG_KEYS = ("curvature", "damping", "kfac_damping", "rps_lambda", "lje_step", "bias", "curvature_kind")
+
+
+def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str = "attributor.") -> None:
+    """Checks saved Attributor state against its own settings before anything uses it."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{prefix[:-1]} must be a JSON object, got {type(config).__name__}")
+    for key in _CONFIG_KEYS:
+        if key not in config:
+            raise ValueError(f"missing key '{prefix}{key}'")
+    unknown = set(config) - set(_CONFIG_KEYS) - {"lje_curvature_kind"}
+    if unknown:
+        raise ValueError(f"unknown key '{prefix}{sorted(unknown)[0]}'")
+    _check_config(config["curvature"], config["damping"], config["kfac_damping"], config["rps_lambda"],
+                  config["lje_step"], prefix)
+    if not isinstance(config["bias"], bool):
+        raise ValueError(f"{prefix}bias must be true or false, got {config['bias']!r}")
+    kind = curv.kind_of(config["curvature"], config["kfac_damping"])
+    for key in ("curvature_kind", "lje_curvature_kind"):
+        if key in config and config[key] != kind:
+            raise ValueError(f"{prefix}{key} is {config[key]!r} but curvature={config['curvature']!r}, "
+                             f"kfac_damping={config['kfac_damping']!r} give {kind!r}")
+    for key in ("train.features", "train.logits", "train.labels"):
+        if not isinstance(tensors.get(key), torch.Tensor):
+            raise ValueError(f"missing tensor '{key}'")
+    try:
+        train = LastLayerData(tensors["train.features"], tensors["train.logits"], tensors["train.labels"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"saved training data (train.features, train.logits, train.labels): {err}") from err
+    N, D = train.features.shape
+    C, Dp = train.num_classes, D + int(config["bias"])
+    sizes = {"N": N, "C": C, "D": D, "Dp": Dp, "D+1": D + 1}
+    expected = {"theta": ((C, Dp), torch.float64)}
+    for group, kind_key in (("curvature.", "curvature_kind"), ("lje_curvature.", "lje_curvature_kind")):
+        if kind_key in config:
+            for name, shape in curv.KINDS[config[kind_key]].shapes(C, Dp).items():
+                expected[group + name] = (shape, train.features.dtype)
+    for name, spec in _CACHE_SPEC.items():
+        dims, dtype = (spec[:-1], spec[-1]) if isinstance(spec[-1], torch.dtype) else (spec, train.features.dtype)
+        expected["cache." + name] = (tuple(sizes[d] for d in dims), dtype)
+    required = [k for k in expected if k.startswith(("curvature.", "lje_curvature."))]
+    for key in required:
+        if key not in tensors:
+            raise ValueError(f"missing tensor '{key}'")
+    where = f"for C={C}, Dp=D+bias={Dp} ({prefix}bias={config['bias']})"
+    for key, value in tensors.items():
+        if key.startswith("train."):
+            continue
+        if key not in expected:
+            raise ValueError(f"unknown tensor '{key}'")
+        shape, dtype = expected[key]
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{key} must have shape {shape} {where}, got {tuple(value.shape)}")
+        if value.dtype != dtype:
+            raise ValueError(f"{key} must have dtype {dtype}, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{key} must be finite, found {int((~torch.isfinite(value)).sum())} "
+                             "non-finite entries")

@@ -7,16 +7,23 @@ give every training example's |H_lambda^-1 g_i|^2 and g_i^T H_lambda^-1 g_i."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from . import ops
 
-# Eigen-directions whose damped eigenvalue falls below this fraction of the
-# largest get weight 0 instead of 1/0: with damping 0 the inverse becomes the
+# With damping 0, eigen-directions whose eigenvalue falls below this fraction
+# of the largest get weight 0 instead of 1/0: the inverse becomes the
 # pseudo-inverse (H is singular along the softmax's redundant direction).
 RCOND = 1e-10
+# Curvatures whose largest eigenvalue is below this fraction of the scale of
+# the terms summed into them are rounding noise (float64 eps is ~1e-16).
+PSEUDO_INVERSE_FLOOR = 1e-12
+# Bytes of float64 (C*Dp)^2 matrices exact curvature holds at its peak: H, its
+# eigenvectors, their weighted copy and the inverse.
+EXACT_MATRICES = 4
 
 
 @dataclass
@@ -31,9 +38,81 @@ class Rank1:
 
 
 def inverse_damped(eigenvalues: torch.Tensor, damping: float) -> torch.Tensor:
-    damped = eigenvalues + damping
-    floor = RCOND * float(damped.abs().max())
-    return torch.where(damped > floor, 1.0 / damped, torch.zeros_like(damped))
+    """1 / (eigenvalue + damping) of a PSD matrix's eigenvalues; negative ones
+    are rounding and count as 0. Damping 0 gives the pseudo-inverse."""
+    damped = eigenvalues.clamp_min(0) + damping
+    if damping > 0:
+        return 1.0 / damped
+    floor = RCOND * float(damped.max())
+    return torch.where(damped > floor, 1.0 / damped.clamp_min(floor), torch.zeros_like(damped))
+
+
+def cast_inverse(x: torch.Tensor, dtype: torch.dtype, damping: float) -> torch.Tensor:
+    """x (float64) in the data's dtype, refusing what that dtype cannot hold
+    instead of scoring with inf and NaN."""
+    out = x.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"damping={damping}: the inverse curvature (largest entry "
+                         f"{float(x.abs().max()):.3g}) exceeds the range of {dtype}; the curvature is "
+                         "nearly singular (a very confident fit). Use damping > 0 or float64 data")
+    return out
+
+
+def check_pseudo_inverse(eigenvalues: torch.Tensor, phi: torch.Tensor, damping: float) -> None:
+    """With damping 0 the inverse is the pseudo-inverse of H itself, which is
+    meaningless when H is below the rounding of its own sums: a training set
+    fit so confidently that every p(1 - p) underflows against 1 - p."""
+    if damping > 0:
+        return
+    scale = 0.25 * float(phi.double().square().sum(1).mean())  # largest p(1-p) times mean |phi|^2
+    largest = float(eigenvalues.max())
+    if not largest > PSEUDO_INVERSE_FLOOR * scale:
+        raise ValueError(f"damping=0: the curvature is below float64 rounding (largest eigenvalue "
+                         f"{largest:.3g}, scale {scale:.3g}); the model fits the training set so "
+                         "confidently that its pseudo-inverse is noise. Use damping > 0")
+
+
+def softmax_null_column(qg: torch.Tensor) -> int | None:
+    """The column of G's eigenbasis along 1/sqrt(C), the direction in which every
+    Lambda_i = diag(p) - p p^T is 0 and every residual has no component."""
+    C = qg.shape[0]
+    alignment = (qg.sum(0) / math.sqrt(C)).abs()
+    j = int(alignment.argmax())
+    return j if float(alignment[j]) > 1 - 1e-6 else None
+
+
+def project_out_null(hinv: torch.Tensor, C: int, Dp: int) -> torch.Tensor:
+    """P hinv P with P = (I - 11^T/C) x I. Every gradient r phi^T has r summing
+    to 0, so P g = g and no score changes; but the 1/damping that H_lambda^-1
+    holds on the null space would otherwise swamp, in float32 rounding, the
+    ~1/|phi|^2 it holds elsewhere once features are large."""
+    h = hinv.view(C, Dp, C, Dp)
+    h = h - h.mean(0, keepdim=True)
+    h = h - h.mean(2, keepdim=True)
+    return h.reshape(C * Dp, C * Dp)
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_exact_fits(C: int, Dp: int, device: torch.device) -> None:
+    """Refuses exact curvature before allocating when its matrices cannot fit."""
+    n = C * Dp
+    need = EXACT_MATRICES * 8 * n * n
+    have = available_bytes(device)
+    if need > have:
+        raise MemoryError(f"exact curvature for C*Dp = {n} needs about {need / 1e9:.1f} GB "
+                          f"({EXACT_MATRICES} float64 matrices of {n} x {n}), more than the "
+                          f"{have / 1e9:.1f} GB available on {device}; use curvature='ekfac' "
+                          "(or 'kfac') for a head this large")
 
 
 class Exact:
@@ -44,8 +123,15 @@ class Exact:
 
     @classmethod
     def fit(cls, phi, logits, damping):
+        check_exact_fits(logits.shape[1], phi.shape[1], phi.device)
         e, V = torch.linalg.eigh(ops.exact_hessian(phi, logits))
-        return cls(((V * inverse_damped(e, damping)) @ V.T).to(phi.dtype))
+        check_pseudo_inverse(e, phi, damping)
+        hinv = project_out_null((V * inverse_damped(e, damping)) @ V.T, logits.shape[1], phi.shape[1])
+        return cls(cast_inverse(hinv, phi.dtype, damping))
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"hinv": (C * Dp, C * Dp)}
 
     def precondition(self, r, phi):
         T, C, Dp = r.shape[0], r.shape[1], phi.shape[1]
@@ -62,6 +148,10 @@ class Eigenbasis:
 
     def __init__(self, qg, qa, w):
         self.qg, self.qa, self.w = qg, qa, w  # (C, C), (Dp, Dp), (C, Dp)
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"qg": (C, C), "qa": (Dp, Dp), "w": (C, Dp)}
 
     def precondition(self, r, phi):
         rotated = (r @ self.qg).unsqueeze(2) * (phi @ self.qa).unsqueeze(1) * self.w
@@ -85,8 +175,16 @@ class Factored:
         # pi balances the damping between the factors by their mean eigenvalue.
         pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
         root = math.sqrt(damping)
-        return cls(qg.to(dtype), qa.to(dtype), inverse_damped(sg, pi * root).to(dtype),
-                   inverse_damped(sa, root / pi).to(dtype))
+        u = inverse_damped(sg, pi * root)
+        null = softmax_null_column(qg)
+        if null is not None:  # see project_out_null
+            u[null] = 0
+        return cls(qg.to(dtype), qa.to(dtype), cast_inverse(u, dtype, damping),
+                   cast_inverse(inverse_damped(sa, root / pi), dtype, damping))
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"qg": (C, C), "qa": (Dp, Dp), "u": (C,), "v": (Dp,)}
 
     def precondition(self, r, phi):
         return Rank1(((r @ self.qg) * self.u) @ self.qg.T, ((phi @ self.qa) * self.v) @ self.qa.T)
@@ -103,14 +201,20 @@ class Identity:
 
     @classmethod
     def fit(cls, damping, like):
-        return cls(like.new_tensor(1.0 / damping if damping > 0 else 1.0))
+        return cls(cast_inverse(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64),
+                                like.dtype, damping).to(like.device))
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"scale": ()}
 
     def precondition(self, r, phi):
         return Rank1(r * self.scale, phi)
 
     def norms(self, R, Phi):
-        sq = R.square().sum(1) * Phi.square().sum(1)
-        return sq * self.scale**2, sq * self.scale
+        sq = R.double().square().sum(1) * Phi.double().square().sum(1)  # float64: |phi|^2 can leave float32
+        scale = self.scale.double()
+        return (sq * scale**2).to(R.dtype), (sq * scale).to(R.dtype)
 
 
 KINDS = {cls.__name__: cls for cls in (Exact, Eigenbasis, Factored, Identity)}
@@ -127,6 +231,13 @@ def from_state(kind: str, tensors: dict[str, torch.Tensor]):
     return KINDS[kind](**tensors)
 
 
+def kind_of(curvature: str, kfac_damping: str) -> str:
+    """The class name `build` returns for these settings."""
+    if curvature == "kfac":
+        return "Factored" if kfac_damping == "factored" else "Eigenbasis"
+    return {"exact": "Exact", "ekfac": "Eigenbasis", "identity": "Identity"}[curvature]
+
+
 def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
     if curvature == "identity":
         return Identity.fit(damping, phi)
@@ -135,11 +246,16 @@ def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
     A, G = ops.kfac_factors(phi, logits)
     sa, qa = torch.linalg.eigh(A)
     sg, qg = torch.linalg.eigh(G)
+    eig = torch.outer(sg, sa)
+    check_pseudo_inverse(eig, phi, damping)
     if curvature == "kfac" and kfac_damping == "factored":
         return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
-    if curvature == "kfac":
-        eig = torch.outer(sg, sa)
-    else:
+    if curvature == "ekfac":
         eig = ops.ekfac_eigenvalues(phi, logits, qa, qg)
+        check_pseudo_inverse(eig, phi, damping)
+    w = inverse_damped(eig, damping)
+    null = softmax_null_column(qg)
+    if null is not None:  # see project_out_null
+        w[null] = 0
     dtype = phi.dtype
-    return Eigenbasis(qg.to(dtype), qa.to(dtype), inverse_damped(eig, damping).to(dtype))
+    return Eigenbasis(qg.to(dtype), qa.to(dtype), cast_inverse(w, dtype, damping))

@@ -31,6 +31,10 @@ class LastLayerData:
     labels: torch.Tensor | None = None
 
     def __post_init__(self):
+        for name in ("features", "logits", "labels"):  # explained, never differentiated
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                object.__setattr__(self, name, value.detach())
         _check_float_matrix("features", self.features, "(N, D)")
         _check_float_matrix("logits", self.logits, "(N, C)")
         n = self.features.shape[0]

@@ -32,6 +32,12 @@ def flip_labels(labels: torch.Tensor, num_classes: int, fraction: float, seed: i
     chosen uniformly, each moved to a uniformly chosen different class."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"labels must be in [0, num_classes) = [0, {num_classes}), got labels[{i}]={int(labels[i])}")
     g = torch.Generator().manual_seed(seed)
     N = labels.shape[0]
     picked = torch.randperm(N, generator=g)[:round(fraction * N)]

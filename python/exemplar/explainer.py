@@ -5,7 +5,10 @@ examples."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,15 +32,17 @@ class Explainer:
     """exemplar.Explainer(model, train_loader, method="theta_relatif", curvature="kfac")
 
     train_loader yields (inputs..., labels) batches in a fixed order: the
-    indices in every Explanation are positions in that order. Extra keyword
-    arguments (damping, kfac_damping, rps_lambda, lje_step) go to the Attributor."""
+    indices in every Explanation are positions in that order (the dataset's
+    indices for a DataLoader without a sampler); a loader that shuffles is
+    refused. `layer` and `output` are LastLayer's. Extra keyword arguments
+    (damping, kfac_damping, rps_lambda, lje_step) go to the Attributor."""
 
     def __init__(self, model: nn.Module, train_loader, method: str = "theta_relatif",
                  curvature: str = "kfac", layer: str | nn.Module | None = None,
-                 progress: bool = True, **attributor_kwargs):
+                 progress: bool = True, output=None, **attributor_kwargs):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.hook = LastLayer(model, layer)
+        self.hook = LastLayer(model, layer, output)
         train = self.hook.collect(train_loader, progress)
         if train.labels is None:
             raise ValueError("train_loader must yield (inputs..., labels) batches: training labels are needed")
@@ -52,9 +57,13 @@ class Explainer:
         data = self.hook.collect(batches, progress)
         explained = None
         if labels is not None:
-            T = len(data)
-            explained = torch.as_tensor(labels, device=data.features.device).long()
-            explained = explained.expand(T) if explained.dim() == 0 else explained
+            if isinstance(labels, (bool, float)):
+                raise TypeError(f"labels must be an int or integer class indices, got {labels!r}")
+            explained = torch.as_tensor(labels, device=data.features.device)
+            if explained.dtype.is_floating_point or explained.dtype.is_complex or explained.dtype == torch.bool:
+                raise TypeError(f"labels must be integer class indices, got {explained.dtype}")
+            explained = explained.long()
+            explained = explained.expand(len(data)) if explained.dim() == 0 else explained
         return LastLayerData(data.features, data.logits, explained)
 
     def explain(self, test_inputs, k: int = 5, labels=None, largest: bool = True,
@@ -69,26 +78,46 @@ class Explainer:
 
     def save(self, path) -> None:
         """Writes the fitted state (training features/logits/labels, layer,
-        curvature, normalisers, RPS fits) to one safetensors file."""
-        from safetensors.torch import save_file
+        curvature, normalisers, RPS fits) to one safetensors file, atomically:
+        a temporary file beside `path` renamed over it, so a failed save
+        leaves any earlier file as it was."""
+        import safetensors.torch
 
         tensors, config = self.attributor.state_dict()
         meta = {"format": FORMAT, "method": self.method, "layer": self.hook.name, "attributor": config}
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata={"exemplar": json.dumps(meta)})
+        data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()},
+                                      metadata={"exemplar": json.dumps(meta)})
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     @classmethod
-    def load(cls, path, model: nn.Module) -> "Explainer":
+    def load(cls, path, model: nn.Module, output=None) -> "Explainer":
         """Restores a saved Explainer for `model` without refitting; the model's
-        layer must be the one the state was fitted with."""
-        from safetensors import safe_open
+        layer must be the one the state was fitted with. The file is read
+        whole and checked (every key, shape, dtype and value) before use, and
+        the returned object does not depend on the file afterwards."""
+        import safetensors.torch
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("exemplar", "{}"))
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an exemplar Explainer file (format {meta.get('format')!r})")
-            self = cls.__new__(cls)
-            self.hook = LastLayer(model, meta["layer"] or None)
-            tensors = {k: f.get_tensor(k).to(self.hook.device) for k in f.keys()}
+        data = Path(path).read_bytes()
+        try:
+            header_len = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + header_len])
+            tensors = safetensors.torch.load(data)
+        except Exception as err:  # the format's own errors vary by version
+            raise ValueError(f"{path} is not a safetensors file ({err})") from err
+        meta = _metadata(header, path)
+        self = cls.__new__(cls)
+        self.hook = LastLayer(model, meta["layer"] or None, output)
+        tensors = {k: v.to(self.hook.device) for k, v in tensors.items()}
         theta = self.hook.weight.double()
         if self.hook.bias is not None:
             theta = torch.cat([theta, self.hook.bias.double().view(-1, 1)], 1)
@@ -98,3 +127,29 @@ class Explainer:
         self.attributor = Attributor.from_state(tensors, meta["attributor"])
         self.method = meta["method"]
         return self
+
+
+def _metadata(header, path) -> dict:
+    """The 'exemplar' metadata of a safetensors header, checked key by key."""
+    raw = (header.get("__metadata__") or {}).get("exemplar") if isinstance(header, dict) else None
+    if raw is None:
+        raise ValueError(f"{path} is not an exemplar Explainer file (no 'exemplar' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata 'exemplar' is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: metadata 'exemplar' must be a JSON object, got {type(meta).__name__}")
+    for key in ("format", "method", "layer", "attributor"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key '{key}' in metadata 'exemplar'")
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{path} is not an exemplar Explainer file of format {FORMAT!r} "
+                         f"(format {meta['format']!r})")
+    if meta["method"] not in METHODS:
+        raise ValueError(f"{path}: 'method' must be one of {METHODS}, got {meta['method']!r}")
+    if not isinstance(meta["layer"], str):
+        raise ValueError(f"{path}: 'layer' must be a module name, got {meta['layer']!r}")
+    if not isinstance(meta["attributor"], dict):
+        raise ValueError(f"{path}: 'attributor' must be a JSON object, got {type(meta['attributor']).__name__}")
+    return meta

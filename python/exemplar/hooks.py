@@ -2,6 +2,8 @@
 over a DataLoader with forward hooks (eval mode, no grad, on the model's device)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -30,15 +32,23 @@ class LastLayer:
     """Finds the classifier's final nn.Linear (or the one named or passed as
     `layer`) and collects its inputs (features) and outputs (logits).
 
+    When the layer is found automatically, the first batch checks that the
+    model's output is that layer's output. For a model that returns a tuple,
+    dict, named tuple or ModelOutput, `output` names the logits in it (an
+    index, a key or attribute name, or a callable taking the output).
+
         hook = exemplar.LastLayer(model)
         train = hook.collect(train_loader)        # LastLayerData
         hook.weight, hook.bias                    # (C, D), (C,) or None
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None):
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, output=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not (output is None or callable(output) or isinstance(output, (str, int))) or isinstance(output, bool):
+            raise TypeError(f"output must be None, a key, an index or a callable, got {output!r}")
         self.model = model
+        self.output = output
         names = {module: name for name, module in model.named_modules()}
         self._found = layer is None  # found by us, so check on the first batch that it is the last
         if layer is None:
@@ -74,10 +84,29 @@ class LastLayer:
     def device(self) -> torch.device:
         return self.layer.weight.device
 
+    def _select_output(self, model_output):
+        """The logits within the model's output: the output itself, or the
+        element named by `output` (a key, an index, or a callable)."""
+        if self.output is None:
+            return model_output
+        if callable(self.output):
+            return self.output(model_output)
+        if isinstance(self.output, str) and not isinstance(model_output, Mapping):
+            return getattr(model_output, self.output)
+        return model_output[self.output]
+
     def _check_is_output(self, model_output, layer_output, inputs) -> None:
-        if isinstance(model_output, torch.Tensor) and model_output.shape == layer_output.shape \
-                and torch.equal(model_output, layer_output):
+        """The found layer's output must be the model's logits; otherwise say
+        what the model returned and which argument picks the right thing."""
+        if not bool(torch.isfinite(layer_output).all()):
+            raise ValueError(f"the model's output contains NaN or inf (layer {self.name!r} produced "
+                             "non-finite values on the first batch); check the inputs and the model")
+        selected = self._select_output(model_output)
+        if isinstance(selected, torch.Tensor) and selected.shape == layer_output.shape \
+                and torch.equal(selected, layer_output):
             return
+        if self.output is None and not isinstance(model_output, torch.Tensor):
+            raise ValueError(_describe_structured(model_output, layer_output, self.name))
         order = []
         leaves = [(n, m) for n, m in self.model.named_modules() if not list(m.children())]
         handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append((n, type(mod).__name__)))
@@ -87,8 +116,14 @@ class LastLayer:
         finally:
             for h in handles:
                 h.remove()
+        picked = "" if self.output is None else f" (output={self.output!r})"
+        if order and order[-1][0] == self.name:
+            raise ValueError(f"{self.name!r} is the last module to run, but the model's forward changes its "
+                             f"output afterwards{picked} (a function such as softmax applied in forward), so "
+                             f"the model's output is not the layer's logits. Pass layer={self.name!r} to "
+                             "explain that layer's outputs as the logits anyway")
         last = f"{order[-1][1]} {order[-1][0]!r}" if order else "not a module"
-        raise ValueError(f"the model's output is not the output of its last nn.Linear {self.name!r}: "
+        raise ValueError(f"the model's output{picked} is not the output of its last nn.Linear {self.name!r}: "
                          f"the last module to run is {last}, so the model's last layer is not "
                          "nn.Linear. Pass layer= (a name or module) to explain a linear layer anyway")
 
@@ -100,8 +135,9 @@ class LastLayer:
         def hook(module, inputs, output):
             captured["x"], captured["z"] = inputs[0], output
 
+        _check_fixed_order(loader)
         features, logits, labels = [], [], []
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         handle = self.layer.register_forward_hook(hook)
         bar = Progress(f"collect {self.name}", len(loader) if hasattr(loader, "__len__") else None, progress)
@@ -123,15 +159,65 @@ class LastLayer:
                     features.append(x.detach())
                     logits.append(z.detach())
                     if y is not None:
-                        labels.append(_to(y, self.device).long())
+                        labels.append(_integer_labels(y, len(features) - 1).to(self.device))
                     bar.update()
         finally:
             handle.remove()
             bar.close()
-            self.model.train(was_training)
+            for module, training in modes:
+                module.training = training
         if not features:
             raise ValueError("loader yielded no batches")
         if labels and len(labels) != len(features):
             raise ValueError("some batches had labels and some did not")
         return LastLayerData(torch.cat(features), torch.cat(logits),
                              torch.cat(labels) if labels else None)
+
+
+def _integer_labels(y, batch: int) -> torch.Tensor:
+    labels = torch.as_tensor(y)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integers (class indices), got {labels.dtype} in batch {batch}")
+    return labels.long()
+
+
+def _check_fixed_order(loader) -> None:
+    """Returned indices are positions in the loader's order, so that order must
+    be the same on every pass: refuse shuffling samplers."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", batch_sampler)
+    if sampler is None:
+        sampler = getattr(loader, "sampler", None)
+    if sampler is None or isinstance(sampler, torch.utils.data.SequentialSampler):
+        return
+    if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
+        return
+    if list(iter(sampler)) != list(iter(sampler)):
+        raise ValueError(f"the loader's {type(sampler).__name__} visits the data in an order that changes from "
+                         "one pass to the next (shuffle=True or a random sampler), so returned indices could "
+                         "not be mapped back to examples; use DataLoader(dataset, shuffle=False) or a "
+                         "sampler with a fixed order")
+
+
+def _describe_structured(model_output, layer_output, name: str) -> str:
+    """What a model that returns more than a tensor returned, and how to pick its logits."""
+    if isinstance(model_output, Mapping):
+        keys = list(model_output.keys())
+        what = f"a {type(model_output).__name__} with keys {keys}"
+        items = list(model_output.items())
+    elif isinstance(model_output, tuple) and hasattr(model_output, "_fields"):
+        what = f"a {type(model_output).__name__} (a named tuple with fields {list(model_output._fields)})"
+        items = list(zip(model_output._fields, model_output))
+    elif isinstance(model_output, (tuple, list)):
+        what = f"a {type(model_output).__name__} of {len(model_output)} elements"
+        items = list(enumerate(model_output))
+    else:
+        what = f"a {type(model_output).__name__}"
+        items = []
+    match = [key for key, value in items if isinstance(value, torch.Tensor)
+             and value.shape == layer_output.shape and torch.equal(value, layer_output)]
+    if match:
+        return (f"the model returns {what}, not a tensor of logits; the output of {name!r} is its element "
+                f"{match[0]!r}: pass output={match[0]!r}, e.g. LastLayer(model, output={match[0]!r})")
+    return (f"the model returns {what}, and none of its elements is the output of {name!r}; pass output= "
+            "(a key, index or callable) naming the logits, and layer= naming the linear layer that makes them")

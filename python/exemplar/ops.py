@@ -56,14 +56,28 @@ def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
     return _ops.scores_rank1(alpha, beta, r, phi, inv_norm)
 
 
+def _check_topk_args(k, largest, r) -> None:
+    # The dispatcher takes a Python bool as an int and None as False; refuse both here.
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k!r}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be True or False, got {largest!r}")
+
+
 def topk(s, r, phi, inv_norm, k: int, largest: bool = True):
     """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix:
-    (values (T, k), indices (T, k) int64), best first."""
+    (values (T, k), indices (T, k) int64), best first. Order: the larger score
+    first (smaller with largest=False), NaN after every number, ties by
+    ascending training index; so topk(k) is a prefix of topk(k + 1) and, for
+    k <= N, every index is a real training row."""
+    _check_topk_args(k, largest, r)
     return _ops.topk(s, r, phi, inv_norm, k, largest)
 
 
 def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True):
-    """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64)."""
+    """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64),
+    in topk's order."""
+    _check_topk_args(k, largest, r)
     return _ops.topk_rank1(alpha, beta, r, phi, inv_norm, k, largest)
 
 

@@ -5,6 +5,8 @@ features. Candidates come from the fused top-k (per test) or from the summed
 scores (global); the greedy step is vectorised over tests and candidates."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .attributor import Attributor
@@ -78,6 +80,18 @@ def _select(values, indices, features, m, gamma, regularizer, bandwidth, scale_i
     return indices.gather(1, pos), values.gather(1, pos)
 
 
+def _check_selection(test, gamma, chunk=1) -> None:
+    if not isinstance(test, LastLayerData):
+        raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
+    if len(test) == 0:
+        raise ValueError("test is empty: DIVINE needs at least one test example")
+    ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma)
+    if not ok or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+
+
 def _num_candidates(attributor, m, candidates):
     K = min(attributor.num_train, max(10 * m, 50)) if candidates is None else candidates
     if not (isinstance(m, int) and 1 <= m <= K <= attributor.num_train):
@@ -94,6 +108,7 @@ def divine(attributor: Attributor, test: LastLayerData, m: int, gamma: float = 1
     points chosen from each test's top-`candidates` (default max(10m, 50)).
     gamma=0 returns the top-m by score. With scale_influence the scores are
     divided by each test's largest |score| before weighing them against gamma*R."""
+    _check_selection(test, gamma, chunk)
     K = _num_candidates(attributor, m, candidates)
     out_idx, out_val = [], []
     for start in range(0, len(test), chunk):  # bounds the (chunk, K, K) kernel
@@ -113,6 +128,7 @@ def divine_global(attributor: Attributor, test: LastLayerData, m: int, gamma: fl
                   scale_influence: bool = True):
     """For a whole test set: (indices (m,), summed scores (m,)) of m diverse
     training points with the largest score summed over the tests."""
+    _check_selection(test, gamma)
     K = _num_candidates(attributor, m, candidates)
     values, indices = attributor.total_scores(test, method).topk(K)
     i, v = _select(values.unsqueeze(0), indices.unsqueeze(0), attributor.train.features, m, gamma,
