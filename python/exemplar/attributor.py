@@ -61,7 +61,7 @@ def _check_magnitude(name: str, features: torch.Tensor) -> None:
     if features.numel() == 0:
         return
     limit = torch.finfo(features.dtype).max / 16
-    largest = float(features.double().square().sum(1).max())
+    largest = float(torch.linalg.vector_norm(features, dim=1).max().double() ** 2)  # inf when it overflows
     if largest > limit:
         raise ValueError(f"{name} are too large for {features.dtype}: the largest squared row norm is "
                          f"{largest:.3g}, beyond {limit:.3g}, so scores would overflow; pass float64 "
@@ -186,8 +186,7 @@ class Attributor:
         return self._cache["norm_sq"], self._cache["norm_quad"]
 
     def _grad_sq_norms(self) -> torch.Tensor:
-        return self._cached("grad_sq", lambda: (self.r.double().square().sum(1)
-                                                * self.phi.double().square().sum(1)).to(self.phi.dtype))
+        return self._cached("grad_sq", lambda: curv.gradient_sq_norms(self.r, self.phi).to(self.phi.dtype))
 
     def _inv_norm(self, method: str) -> torch.Tensor:
         if method == "theta_relatif":
@@ -276,7 +275,7 @@ class Attributor:
         if method == "grad_dot":
             return _Query(curv.Rank1(r, phi), None)
         if method == "grad_cos":
-            norms = (r.double().square().sum(1) * phi.double().square().sum(1)).sqrt()
+            norms = curv.gradient_sq_norms(r, phi).sqrt()
             return _Query(curv.Rank1(r * _safe_reciprocal(norms).to(r.dtype).unsqueeze(1), phi), None)
         return _Query(self.curvature.precondition(r, phi), None)
 

@@ -37,6 +37,12 @@ class Rank1:
     beta: torch.Tensor  # (T, Dp)
 
 
+def gradient_sq_norms(R: torch.Tensor, Phi: torch.Tensor) -> torch.Tensor:
+    """|r_i|^2 |phi_i|^2 = |g_i|^2, (N,) float64: the product of the row norms is
+    squared in float64, where it cannot under- or overflow, with no (N, D) temporary."""
+    return (torch.linalg.vector_norm(R, dim=1).double() * torch.linalg.vector_norm(Phi, dim=1).double()).square()
+
+
 def inverse_damped(eigenvalues: torch.Tensor, damping: float) -> torch.Tensor:
     """1 / (eigenvalue + damping) of a PSD matrix's eigenvalues; negative ones
     are rounding and count as 0. Damping 0 gives the pseudo-inverse."""
@@ -212,7 +218,7 @@ class Identity:
         return Rank1(r * self.scale, phi)
 
     def norms(self, R, Phi):
-        sq = R.double().square().sum(1) * Phi.double().square().sum(1)  # float64: |phi|^2 can leave float32
+        sq = gradient_sq_norms(R, Phi)
         scale = self.scale.double()
         return (sq * scale**2).to(R.dtype), (sq * scale).to(R.dtype)
 
