@@ -107,3 +107,24 @@ def test_methods_against_reference(N, extra_tests, C, D, dtype, curvature, metho
     want_self = ref.self_influence(feats[:N], logits[:N], labels, method, curvature=curvature, damping=0.1,
                                    bias=bias)
     assert float((own - want_self).abs().max()) <= tol * max(1.0, float(want_self.abs().max()))
+
+
+@BOUNDED
+@given(st.integers(1, 9), st.integers(2, 4), st.integers(0, 4), DTYPES, st.integers(0, 2**31 - 1))
+def test_statistics_ops_against_reference(N, C, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(N, D, generator=g, dtype=torch.float64)
+    logits = 3 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (N,), generator=g)
+    phi = ref.augment(feats, True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    R = ops.residuals(logits.to(dtype), labels)
+    want_R = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels, C)
+    assert float((R.double() - want_R).abs().max()) <= tol
+    A, G = ops.kfac_factors(phi.to(dtype), logits.to(dtype))
+    want_A, want_G = ref.kfac_factors(feats.to(dtype), logits.to(dtype), True)
+    assert float((A - want_A).abs().max()) <= tol * max(1.0, float(want_A.abs().max()))
+    assert float((G - want_G).abs().max()) <= tol
+    H = ops.exact_hessian(phi.to(dtype), logits.to(dtype))
+    want_H = ref.exact_hessian(feats.to(dtype), logits.to(dtype), True)
+    assert float((H - want_H).abs().max()) <= tol * max(1.0, float(want_H.abs().max()))
