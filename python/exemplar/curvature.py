@@ -70,7 +70,8 @@ def check_pseudo_inverse(eigenvalues: torch.Tensor, phi: torch.Tensor, damping: 
     fit so confidently that every p(1 - p) underflows against 1 - p."""
     if damping > 0:
         return
-    scale = 0.25 * float(phi.double().square().sum(1).mean())  # largest p(1-p) times mean |phi|^2
+    # largest p(1-p) times mean |phi|^2; row norms, so no (N, Dp) float64 copy
+    scale = 0.25 * float(torch.linalg.vector_norm(phi, dim=1).double().square().mean())
     largest = float(eigenvalues.max())
     if not largest > PSEUDO_INVERSE_FLOOR * scale:
         raise ValueError(f"damping=0: the curvature is below float64 rounding (largest eigenvalue "
@@ -78,13 +79,16 @@ def check_pseudo_inverse(eigenvalues: torch.Tensor, phi: torch.Tensor, damping: 
                          "confidently that its pseudo-inverse is noise. Use damping > 0")
 
 
-def softmax_null_column(qg: torch.Tensor) -> int | None:
-    """The column of G's eigenbasis along 1/sqrt(C), the direction in which every
-    Lambda_i = diag(p) - p p^T is 0 and every residual has no component."""
+def without_null_direction(weights: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+    """weights (C, ...) in G's eigenbasis qg (C, C), with the row of the column
+    along 1/sqrt(C) zeroed: the direction in which every Lambda_i = diag(p) - p p^T
+    is 0 and every residual has no component (see project_out_null)."""
     C = qg.shape[0]
     alignment = (qg.sum(0) / math.sqrt(C)).abs()
     j = int(alignment.argmax())
-    return j if float(alignment[j]) > 1 - 1e-6 else None
+    if float(alignment[j]) > 1 - 1e-6:
+        weights[j] = 0
+    return weights
 
 
 def project_out_null(hinv: torch.Tensor, C: int, Dp: int) -> torch.Tensor:
@@ -181,10 +185,7 @@ class Factored:
         # pi balances the damping between the factors by their mean eigenvalue.
         pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
         root = math.sqrt(damping)
-        u = inverse_damped(sg, pi * root)
-        null = softmax_null_column(qg)
-        if null is not None:  # see project_out_null
-            u[null] = 0
+        u = without_null_direction(inverse_damped(sg, pi * root), qg)
         return cls(qg.to(dtype), qa.to(dtype), cast_inverse(u, dtype, damping),
                    cast_inverse(inverse_damped(sa, root / pi), dtype, damping))
 
@@ -252,16 +253,10 @@ def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
     A, G = ops.kfac_factors(phi, logits)
     sa, qa = torch.linalg.eigh(A)
     sg, qg = torch.linalg.eigh(G)
-    eig = torch.outer(sg, sa)
+    eig = ops.ekfac_eigenvalues(phi, logits, qa, qg) if curvature == "ekfac" else torch.outer(sg, sa)
     check_pseudo_inverse(eig, phi, damping)
     if curvature == "kfac" and kfac_damping == "factored":
         return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
-    if curvature == "ekfac":
-        eig = ops.ekfac_eigenvalues(phi, logits, qa, qg)
-        check_pseudo_inverse(eig, phi, damping)
-    w = inverse_damped(eig, damping)
-    null = softmax_null_column(qg)
-    if null is not None:  # see project_out_null
-        w[null] = 0
+    w = without_null_direction(inverse_damped(eig, damping), qg)
     dtype = phi.dtype
     return Eigenbasis(qg.to(dtype), qa.to(dtype), cast_inverse(w, dtype, damping))

@@ -20,6 +20,15 @@ def _check_float_matrix(name: str, x, shape: str) -> None:
         raise ValueError(f"{name} must be finite, found {x[tuple(bad)].item()} at {name}{bad}")
 
 
+def integer_labels(labels, where: str = "") -> torch.Tensor:
+    """labels (an int, a sequence or a tensor of class indices) as int64; floats
+    and bools are refused rather than truncated."""
+    out = torch.as_tensor(labels)
+    if out.dtype.is_floating_point or out.dtype.is_complex or out.dtype == torch.bool:
+        raise TypeError(f"labels must be integers (class indices), got {out.dtype}{where}")
+    return out.long()
+
+
 @dataclass(frozen=True)
 class LastLayerData:
     """features (N, D): the last layer's inputs; logits (N, C): its outputs;

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attributor import METHODS, Attributor
-from .data import LastLayerData
+from .data import LastLayerData, integer_labels
 from .hooks import LastLayer
 
 FORMAT = "exemplar.Explainer/1"
@@ -57,12 +57,7 @@ class Explainer:
         data = self.hook.collect(batches, progress)
         explained = None
         if labels is not None:
-            if isinstance(labels, (bool, float)):
-                raise TypeError(f"labels must be an int or integer class indices, got {labels!r}")
-            explained = torch.as_tensor(labels, device=data.features.device)
-            if explained.dtype.is_floating_point or explained.dtype.is_complex or explained.dtype == torch.bool:
-                raise TypeError(f"labels must be integer class indices, got {explained.dtype}")
-            explained = explained.long()
+            explained = integer_labels(labels).to(data.features.device)
             explained = explained.expand(len(data)) if explained.dim() == 0 else explained
         return LastLayerData(data.features, data.logits, explained)
 

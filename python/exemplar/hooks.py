@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .data import LastLayerData
+from .data import LastLayerData, integer_labels
 from .progress import Progress
 
 
@@ -159,7 +159,7 @@ class LastLayer:
                     features.append(x.detach())
                     logits.append(z.detach())
                     if y is not None:
-                        labels.append(_integer_labels(y, len(features) - 1).to(self.device))
+                        labels.append(integer_labels(y, f" in batch {len(features) - 1}").to(self.device))
                     bar.update()
         finally:
             handle.remove()
@@ -172,13 +172,6 @@ class LastLayer:
             raise ValueError("some batches had labels and some did not")
         return LastLayerData(torch.cat(features), torch.cat(logits),
                              torch.cat(labels) if labels else None)
-
-
-def _integer_labels(y, batch: int) -> torch.Tensor:
-    labels = torch.as_tensor(y)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integers (class indices), got {labels.dtype} in batch {batch}")
-    return labels.long()
 
 
 def _check_fixed_order(loader) -> None:
