@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 import exemplar
-from exemplar import curvature as curv
 
 
 def theta_relatif_operands(N, T, D, C, kfac_damping, device="cpu", dtype=torch.float32, seed=0):
@@ -18,8 +17,9 @@ def theta_relatif_operands(N, T, D, C, kfac_damping, device="cpu", dtype=torch.f
     test = exemplar.LastLayerData(torch.randn(T, D, generator=g, device=device, dtype=dtype),
                                   torch.randn(T, C, generator=g, device=device, dtype=dtype))
     attr = exemplar.Attributor(train, curvature="kfac", damping=1e-3, kfac_damping=kfac_damping)
-    pre = attr._query(test, "theta_relatif").pre
-    train_side = attr._train_side("theta_relatif")
-    if isinstance(pre, curv.Rank1):
-        return "rank1", (pre.alpha, pre.beta, *train_side)
-    return "general", (pre.S, *train_side)
+    g = attr.query(test, "theta_relatif").gradient
+    train = attr.prepare("theta_relatif")
+    train_side = (train.r, train.phi, train.inv_norm)
+    if isinstance(g, exemplar.Rank1):
+        return "rank1", (g.alpha, g.beta, *train_side)
+    return "general", (g.S, *train_side)

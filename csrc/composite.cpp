@@ -1,27 +1,16 @@
 // Device-generic ops: ATen compositions (GEMMs dominate, the BLAS or cuBLAS
-// does them), chunked over N so no N-sized temporary beyond the outputs.
-// Registered for CPU here and for CUDA in csrc/cuda/.
+// does them), tiled over N so no N-sized temporary beyond the outputs.
+// Registered once, for every device, as CompositeExplicitAutograd; each holds
+// a device guard for its inputs' device, so on a second GPU the ATen calls
+// and the cuBLAS handle they pick are that GPU's.
+#include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
-#include "exemplar.h"
+#include "checks.h"
 #include "tiles.h"
 
 namespace exemplar {
 namespace {
-
-// Rows per chunk so a (rows, width) temporary stays near 4M elements.
-int64_t chunk_rows(int64_t width) {
-  return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(width, 1));
-}
-
-void check_square(const char* op, const at::Tensor& x, const char* name, int64_t n,
-                  const char* what, const at::Tensor& ref) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == n && x.size(1) == n, op, ": ", name,
-              " must be (", what, ", ", what, ") = (", n, ", ", n, "), got shape ", x.sizes());
-  check_floating(op, x, name);
-  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " is on ", x.device(),
-              " but Phi is on ", ref.device());
-}
 
 // rows (n, C), cols (n, Dp) -> per-example gradients (n, C*Dp), row-major c*Dp + d.
 at::Tensor outer_rows(const at::Tensor& rows, const at::Tensor& cols) {
@@ -45,12 +34,13 @@ at::Tensor rotated_squares(const at::Tensor& x, const at::Tensor& Q) {
 // dominate the error of every score.
 std::tuple<at::Tensor, at::Tensor> kfac_factors(const at::Tensor& Phi, const at::Tensor& logits) {
   check_phi_logits("exemplar::kfac_factors", Phi, logits);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi));
   const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
   auto f64 = Phi.options().dtype(at::kDouble);
   auto A = at::zeros({Dp, Dp}, f64);
   auto G = at::zeros({C, C}, f64);
   auto p_sum = at::zeros({C}, f64);
-  const int64_t rows = chunk_rows(Dp + C);
+  const int64_t rows = rows_per_tile(Dp + C);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto phi = Phi.narrow(0, n0, n).to(at::kDouble);
@@ -70,11 +60,12 @@ at::Tensor ekfac_eigenvalues(const at::Tensor& Phi, const at::Tensor& logits,
   const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
   check_square(op, QA_, "QA", Dp, "Dp", Phi);
   check_square(op, QG_, "QG", C, "C", Phi);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi));
   auto QA = QA_.to(at::kDouble);
   auto QG = QG_.to(at::kDouble);
   auto QG2 = QG * QG;
   auto lam = at::zeros({C, Dp}, QA.options());
-  const int64_t rows = chunk_rows(Dp + C);
+  const int64_t rows = rows_per_tile(Dp + C);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto P = at::softmax(logits.narrow(0, n0, n).to(at::kDouble), 1);
@@ -88,9 +79,10 @@ at::Tensor ekfac_eigenvalues(const at::Tensor& Phi, const at::Tensor& logits,
 
 at::Tensor exact_hessian(const at::Tensor& Phi, const at::Tensor& logits) {
   check_phi_logits("exemplar::exact_hessian", Phi, logits);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi));
   const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
   auto H = at::zeros({C * Dp, C * Dp}, Phi.options().dtype(at::kDouble));
-  const int64_t rows = chunk_rows(C * Dp);
+  const int64_t rows = rows_per_tile(C * Dp);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto phi = Phi.narrow(0, n0, n).to(at::kDouble);
@@ -116,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R_, const 
   check_floating(op, w, "w");
   TORCH_CHECK(w.device() == Phi_.device(), op, ": w is on ", w.device(), " but Phi is on ",
               Phi_.device());
+  const at::OptionalDeviceGuard guard(at::device_of(Phi_));
   auto R = R_.contiguous();
   auto Phi = Phi_.contiguous();
   auto dtype = R.scalar_type();
@@ -125,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R_, const 
   auto weights = at::cat({w64 * w64, w64}, 1);  // (C, 2 Dp)
   auto sq_norm = at::empty({N}, R.options());
   auto quad = at::empty({N}, R.options());
-  const int64_t rows = chunk_rows(3 * Dp);
+  const int64_t rows = rows_per_tile(3 * Dp);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto r_rot = rotated_squares(R.narrow(0, n0, n), QG);
@@ -143,12 +136,13 @@ std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R_, const at::T
   check_factored(op, R_, Phi_);
   const int64_t N = R_.size(0), CDp = R_.size(1) * Phi_.size(1);
   check_square(op, Hinv_, "Hinv", CDp, "C*Dp", Phi_);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi_));
   auto R = R_.contiguous();
   auto Phi = Phi_.contiguous();
   auto Hinv = Hinv_.to(R.scalar_type());
   auto sq_norm = at::empty({N}, R.options());
   auto quad = at::empty({N}, R.options());
-  const int64_t rows = chunk_rows(2 * CDp);
+  const int64_t rows = rows_per_tile(2 * CDp);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
@@ -173,6 +167,7 @@ at::Tensor dense_from(TileScorer& scorer, const at::Tensor& R) {
 at::Tensor scores(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
                   const at::Tensor& inv_norm) {
   check_general("exemplar::scores", S, R, Phi, inv_norm);
+  const at::OptionalDeviceGuard guard(at::device_of(R));
   GeneralScorer scorer(S, R, Phi, inv_norm);
   return dense_from(scorer, R);
 }
@@ -180,11 +175,12 @@ at::Tensor scores(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Ph
 at::Tensor scores_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
                         const at::Tensor& Phi, const at::Tensor& inv_norm) {
   check_rank1("exemplar::scores_rank1", alpha, beta, R, Phi, inv_norm);
+  const at::OptionalDeviceGuard guard(at::device_of(R));
   Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
   return dense_from(scorer, R);
 }
 
-TORCH_LIBRARY_IMPL(exemplar, CPU, m) {
+TORCH_LIBRARY_IMPL(exemplar, CompositeExplicitAutograd, m) {
   m.impl("kfac_factors", &kfac_factors);
   m.impl("ekfac_eigenvalues", &ekfac_eigenvalues);
   m.impl("exact_hessian", &exact_hessian);

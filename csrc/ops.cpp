@@ -1,6 +1,7 @@
-// The one library of schemas. Implementations register per dispatch key in
-// csrc/composite.cpp (device-generic), csrc/cpu/ and csrc/cuda/; fake kernels
-// for torch.compile live in python/exemplar/ops.py.
+// The one library of schemas. Each implementation registers itself beside its
+// code: csrc/composite.cpp once for every device (CompositeExplicitAutograd),
+// csrc/cpu/ for CPU, csrc/cuda/ for CUDA; the fake kernels for torch.compile
+// live in python/exemplar/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(exemplar, m) {

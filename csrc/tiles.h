@@ -1,12 +1,26 @@
-// Streaming over (test block x train tile) score tiles. The dense ops and the
-// CPU top-k share this so both see bit-identical score values; only the
-// consumer of each tile differs. Memory held: one gradient tile and one
-// (test block x train tile) score buffer, independent of N.
+// Tiling: the one policy for how many training rows any loop over N takes at
+// a time, and the streaming over (test block x train tile) score tiles that
+// the dense ops and the CPU top-k share, so both see bit-identical score
+// values; only the consumer of each tile differs. Memory held: one gradient
+// tile and one (test block x train tile) score buffer, independent of N.
 #pragma once
 
-#include "exemplar.h"
+#include <ATen/ATen.h>
+
+#include <algorithm>
 
 namespace exemplar {
+
+// Rows per step of every loop over the training set, for a per-row temporary
+// `width` elements wide: about a million elements, so the temporary stays
+// cache-sized and no N-sized one exists; at least 256 rows so the GEMMs stay
+// efficient, at most 4096. A fixed count for a given shape keeps the dense
+// and top-k scores bit-identical.
+inline int64_t rows_per_tile(int64_t width) {
+  const int64_t budget = int64_t(1) << 20;
+  return std::clamp<int64_t>(budget / std::max<int64_t>(width, 1), 256, 4096);
+}
+constexpr int64_t kTestBlockRows = 1024;
 
 class TileScorer {
  public:
@@ -28,7 +42,7 @@ class GeneralScorer final : public TileScorer {
                 const at::Tensor& inv_norm)
       : S_flat_(S.reshape({S.size(0), S.size(1) * S.size(2)}).contiguous()),
         R_(R.contiguous()), Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
-        rows_(train_tile_rows(R.size(1), Phi.size(1), /*rank1=*/false)),
+        rows_(rows_per_tile(R.size(1) * Phi.size(1))),
         grad_(at::empty({std::min(rows_, R.size(0)), R.size(1), Phi.size(1)}, R.options())) {}
 
   int64_t tests() const override { return S_flat_.size(0); }
@@ -59,7 +73,7 @@ class Rank1Scorer final : public TileScorer {
               const at::Tensor& Phi, const at::Tensor& inv_norm)
       : alpha_(alpha.contiguous()), beta_(beta.contiguous()), R_(R.contiguous()),
         Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
-        rows_(train_tile_rows(R.size(1), Phi.size(1), /*rank1=*/true)),
+        rows_(rows_per_tile(R.size(1) + Phi.size(1))),
         right_(at::empty({std::min(alpha.size(0), kTestBlockRows) * std::min(rows_, R.size(0))},
                          R.options())) {}
 

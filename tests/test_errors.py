@@ -7,7 +7,7 @@ import torch
 import exemplar
 from exemplar import ops
 
-from conftest import make_data
+from helpers import make_data
 
 
 @pytest.fixture
@@ -39,17 +39,24 @@ def test_label_out_of_range(train, label):
         ops.residuals(train.logits, labels)
 
 
-@pytest.mark.parametrize("k", [0, -2, 21, 2.5, True])
+@pytest.mark.parametrize("k", [0, -2, 21])
 def test_k_out_of_range(train, test_data, k):
     attr = exemplar.Attributor(train)
-    with pytest.raises(ValueError, match=r"k must be an integer in \[1, N\] = \[1, 20\]"):
+    with pytest.raises(ValueError, match=rf"exemplar::topk: k must be an integer in \[1, N\] = \[1, 20\], got {k}"):
+        attr.topk(test_data, k)
+
+
+@pytest.mark.parametrize("k", [2.5, True, None])
+def test_k_not_an_integer(train, test_data, k):
+    attr = exemplar.Attributor(train)
+    with pytest.raises(TypeError, match=rf"k must be an integer in \[1, N\] = \[1, 20\], got {k}"):
         attr.topk(test_data, k)
 
 
 def test_k_out_of_range_at_op_level(train):
     R = torch.randn(20, 3, dtype=torch.float64)
     S, Phi = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match=r"exemplar::topk: k must be in \[1, N\] = \[1, 20\], got k=21"):
+    with pytest.raises(ValueError, match=r"exemplar::topk: k must be an integer in \[1, N\] = \[1, 20\], got 21"):
         ops.topk(S, R, Phi, torch.ones(20, dtype=torch.float64), 21)
 
 

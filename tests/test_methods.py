@@ -6,7 +6,7 @@ import torch
 import exemplar
 from exemplar import reference as ref
 
-from conftest import make_data, make_layer_data
+from helpers import check_topk_near, make_data, make_layer_data
 
 CURVATURE_CASES = [
     ("exact", "eigenbasis"),
@@ -30,24 +30,27 @@ def rel_err(got, want):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "N{}T{}C{}D{}".format(*s))
 @pytest.mark.parametrize("curvature,kfac_damping", CURVATURE_CASES, ids=lambda x: x)
-def test_scores_and_self_influence_match_reference(curvature, kfac_damping, size, dtype):
+def test_scores_and_self_influence_match_reference(curvature, kfac_damping, size, dtype, device):
     N, T, C, D = size
     train = make_data(N, C, D, dtype, seed=1)
     test = make_data(T, C, D, dtype, seed=2, labels=False)
     damping = 0.05
-    attr = exemplar.Attributor(train, curvature=curvature, damping=damping,
-                               kfac_damping=kfac_damping)
+    attr = exemplar.Attributor(make_data(N, C, D, dtype, seed=1, device=device), curvature=curvature,
+                               damping=damping, kfac_damping=kfac_damping)
+    test_on_device = make_data(T, C, D, dtype, seed=2, labels=False, device=device)
     kw = dict(curvature=curvature, damping=damping, bias=True, kfac_damping=kfac_damping)
     explained = test.logits.argmax(1)
     for method in exemplar.INFLUENCE_METHODS:
         want = ref.scores(train.features, train.logits, train.labels, test.features, test.logits,
                           explained, method, **kw)
-        got = attr.scores(test, method)
+        got = attr.scores(test_on_device, method).cpu()
         assert got.dtype == dtype and got.shape == (T, N)
         assert rel_err(got, want) <= TOL[dtype], (method, rel_err(got, want))
         want_self = ref.self_influence(train.features, train.logits, train.labels, method, **kw)
-        got_self = attr.self_influence(method)
+        got_self = attr.self_influence(method).cpu()
         assert rel_err(got_self, want_self) <= TOL[dtype], (method, "self")
+        k = min(7, N)
+        check_topk_near(*attr.topk(test_on_device, k, method), want, k, True, tol=TOL[dtype])
 
 
 @pytest.mark.parametrize("bias", [True, False])

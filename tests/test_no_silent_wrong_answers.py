@@ -18,7 +18,7 @@ import exemplar
 from exemplar import ops
 from exemplar import reference as ref
 
-from conftest import make_data
+from helpers import make_data, policy_order
 
 NAN, INF = math.nan, math.inf
 
@@ -29,15 +29,6 @@ def raw_topk(scores, k, largest=True):
     one = torch.ones(1, 1, dtype=torch.float64)
     return ops.topk_rank1(one, one, torch.ones_like(s), s, torch.ones(len(scores), dtype=torch.float64),
                           k, largest)
-
-
-def policy_order(scores, largest):
-    """The documented order: better score first, NaN after every number, ties
-    (and NaNs) by ascending index."""
-    def key(i):
-        v = scores[i]
-        return (math.isnan(v), 0.0 if math.isnan(v) else (-v if largest else v), i)
-    return sorted(range(len(scores)), key=key)
 
 
 # ---------------------------------------------------------------- 1. NaN and inf

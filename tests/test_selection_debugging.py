@@ -1,5 +1,4 @@
 """DIVINE selection, data debugging and tree ensembles."""
-import itertools
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import exemplar
 from exemplar import reference as ref
 from exemplar.selection import REGULARIZERS, greedy_select, rbf_kernel
 
-from conftest import make_data, make_layer_data
+from helpers import make_data, make_layer_data
 
 
 @pytest.mark.parametrize("regularizer", REGULARIZERS)

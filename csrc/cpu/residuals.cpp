@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "../exemplar.h"
+#include "../checks.h"
 
 namespace exemplar {
 

@@ -10,7 +10,7 @@
 #include <numeric>
 #include <vector>
 
-#include "../exemplar.h"
+#include "../checks.h"
 #include "../order.h"
 #include "../tiles.h"
 

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../exemplar.h"
+#include "../checks.h"
 
 namespace exemplar {
 namespace {
@@ -67,4 +67,8 @@ at::Tensor residuals_cuda(const at::Tensor& logits_, const at::Tensor& labels_) 
   return out;
 }
 
+}  // namespace exemplar
+
+namespace exemplar {
+TORCH_LIBRARY_IMPL(exemplar, CUDA, m) { m.impl("residuals", &residuals_cuda); }
 }  // namespace exemplar

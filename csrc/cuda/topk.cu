@@ -20,10 +20,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <limits>
 
-#include "../exemplar.h"
+#include "../checks.h"
 #include "../order.h"
 
 namespace exemplar {
@@ -398,4 +399,11 @@ std::tuple<at::Tensor, at::Tensor> topk_rank1_cuda(const at::Tensor& alpha, cons
   return fused_topk<true>(alpha, beta, R, Phi, inv_norm, k, largest);
 }
 
+}  // namespace exemplar
+
+namespace exemplar {
+TORCH_LIBRARY_IMPL(exemplar, CUDA, m) {
+  m.impl("topk", &topk_cuda);
+  m.impl("topk_rank1", &topk_rank1_cuda);
+}
 }  // namespace exemplar

@@ -1,41 +1,25 @@
 """Attributor: scores, top-k and self-influence of training examples for a
-classifier's last layer (DESIGN.md §1, §4). Every method reduces to the fused
-score op: a training side (R, Phi, inv_norm), computed once per Attributor, and
-a test side (a preconditioned gradient S_t, general or rank-1, plus an optional
-per-test offset added to every score of that test)."""
+classifier's last layer (docs/design.md §1, §3). It holds the training data in the
+ops' form and what is fitted on it (curvature, normalisers, RPS fits); the
+methods themselves live in methods.py. `prepare(method)` and `query(test,
+method)` return the operands of the score ops, for libraries that drive the
+kernels themselves."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import curvature as curv
-from . import ops, rps
+from . import methods, ops
 from .data import LastLayerData
+from .methods import Query, TrainOperands
 
-INFLUENCE_METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
-METHODS = INFLUENCE_METHODS + ("rps_l2", "rps_lje", "knn")
+METHODS = methods.names()
+INFLUENCE_METHODS = methods.names("influence")
 CURVATURES = ("exact", "kfac", "ekfac", "identity")
 KFAC_DAMPINGS = ("eigenbasis", "factored")
-
-
-def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
-    # A zero-gradient example (a perfectly fit one) scores 0 under every method.
-    return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
-
-
-def _scaled(pre, factor: float):
-    if isinstance(pre, curv.Rank1):
-        return curv.Rank1(pre.alpha * factor, pre.beta)
-    return curv.General(pre.S * factor)
-
-
-@dataclass
-class _Query:
-    pre: curv.General | curv.Rank1
-    offset: torch.Tensor | None  # (T,) added to every score of test t
 
 
 def _check_number(name, value, low, strict):
@@ -68,19 +52,18 @@ def _check_magnitude(name: str, features: torch.Tensor) -> None:
                          "features or rescale them")
 
 
-def _check_largest(largest) -> None:
-    if not isinstance(largest, bool):
-        raise TypeError(f"largest must be True or False, got {largest!r}")
+# Tensors the Attributor caches for every method, as methods.Method.saved.
+_SHARED_SAVED = {"ones": ("N",), "norm_sq": ("N",), "norm_quad": ("N",), "grad_sq": ("N",)}
 
 
-# Shapes (in N, C, D, Dp) and dtypes ("data" = the training data's) of the
-# tensors an Attributor caches, for validating saved state.
-_CACHE_SPEC = {
-    "norm_sq": ("N",), "norm_quad": ("N",), "grad_sq": ("N",), "inv_theta": ("N",), "inv_l": ("N",),
-    "inv_grad": ("N",), "ones": ("N",), "rps_l2_alpha": ("N", "C"), "lje_r": ("N", "C"),
-    "knn_phi": ("N", "D+1"), "rps_l2_theta": ("C", "Dp", torch.float64),
-    "lje_theta": ("C", "Dp", torch.float64),
-}
+def _saved_specs() -> tuple[dict[str, tuple], tuple[str, ...]]:
+    """(shape spec of every cacheable tensor, names of every extra curvature)."""
+    specs, curvatures = dict(_SHARED_SAVED), ()
+    for name in methods.names():
+        m = methods.get(name)
+        specs.update(m.saved)
+        curvatures += m.curvatures
+    return specs, curvatures
 
 
 class Attributor:
@@ -123,10 +106,10 @@ class Attributor:
         self.curvature_name = config["curvature"]
         self.damping = config["damping"]
         self.theta = theta  # (C, Dp) float64 or None: the trained layer [W | b]
-        self.phi = self._augment(train.features)  # (N, Dp)
+        self.phi = self.augment(train.features)  # (N, Dp)
         self.r = ops.residuals(train.logits, train.labels)  # (N, C)
         self._cache: dict[str, torch.Tensor] = {}
-        self._lje_curvature = None
+        self._curvatures: dict = {}  # methods' extra curvatures by name, e.g. at RPS-LJE's Theta*
 
     @staticmethod
     def _theta_from_layer(train, weight, bias):
@@ -161,87 +144,62 @@ class Attributor:
                              f"= {err:.3g} > {tol:.3g}; pass the layer that produced the logits")
         return theta
 
-    def _augment(self, features: torch.Tensor) -> torch.Tensor:
+    def augment(self, features: torch.Tensor) -> torch.Tensor:
+        """features (n, D) -> phi (n, Dp): with the constant-1 bias column when the layer has a bias."""
         if not self.bias:
             return features.contiguous()
         ones = torch.ones(features.shape[0], 1, dtype=features.dtype, device=features.device)
         return torch.cat([features, ones], dim=1)
 
-    def _cached(self, key: str, compute):
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
     @property
     def num_train(self) -> int:
         return len(self.train)
 
-    # ------------------------------------------------------------ training side
+    # ------------------------------------------------- fitted state, for methods
 
-    def _curvature_norms(self):
+    def cached(self, key: str | tuple[str, ...], compute):
+        """The tensor saved under `key`, computed by `compute()` on first use and
+        kept in the saved state; a tuple of keys caches a tuple of tensors
+        computed together. Methods keep everything they fit here."""
+        keys = (key,) if isinstance(key, str) else key
+        if any(k not in self._cache for k in keys):
+            values = compute()
+            self._cache.update(zip(keys, (values,) if isinstance(key, str) else values))
+        return self._cache[key] if isinstance(key, str) else tuple(self._cache[k] for k in keys)
+
+    def curvature_at(self, key: str, logits: torch.Tensor):
+        """The damped curvature with this Attributor's settings at other logits
+        (N, C) of the same features, fitted once and saved under `key`."""
+        if key not in self._curvatures:
+            self._curvatures[key] = curv.build(self.curvature_name, self.damping, self.config["kfac_damping"],
+                                               self.phi, logits)
+        return self._curvatures[key]
+
+    def curvature_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (N,): one pass, on first use."""
-        if "norm_sq" not in self._cache:
-            sq, quad = self.curvature.norms(self.r, self.phi)
-            self._cache.update(norm_sq=sq, norm_quad=quad)
-        return self._cache["norm_sq"], self._cache["norm_quad"]
+        return self.cached(("norm_sq", "norm_quad"), lambda: self.curvature.norms(self.r, self.phi))
 
-    def _grad_sq_norms(self) -> torch.Tensor:
-        return self._cached("grad_sq", lambda: curv.gradient_sq_norms(self.r, self.phi).to(self.phi.dtype))
+    def gradient_sq_norms(self) -> torch.Tensor:
+        """|g_i|^2, (N,)."""
+        return self.cached("grad_sq", lambda: curv.gradient_sq_norms(self.r, self.phi).to(self.phi.dtype))
 
-    def _inv_norm(self, method: str) -> torch.Tensor:
-        if method == "theta_relatif":
-            return self._cached("inv_theta", lambda: _safe_reciprocal(self._curvature_norms()[0].sqrt()))
-        if method == "l_relatif":
-            return self._cached("inv_l", lambda: _safe_reciprocal(self._curvature_norms()[1].clamp_min(0).sqrt()))
-        if method == "grad_cos":
-            return self._cached("inv_grad", lambda: _safe_reciprocal(self._grad_sq_norms().sqrt()))
-        return self._cached("ones", lambda: torch.ones_like(self.phi[:, 0]))
+    # ---------------------------------------------------------------- operands
 
-    def _rps_alpha(self) -> torch.Tensor:
-        """(N, C): RPS-l2's representer values, from the refit on first use."""
-        def fit():
-            theta, alpha = rps.fit_l2(self.phi, self.train.logits, self.config["rps_lambda"], init=self.theta)
-            self._cache["rps_l2_theta"] = theta
-            return alpha.to(self.phi.dtype)
-        return self._cached("rps_l2_alpha", fit)
+    def prepare(self, method: str) -> TrainOperands:
+        """The training side of `method` for the score ops: TrainOperands(r (N, C'),
+        phi (N, Dp'), inv_norm (N,)). Fitted on the first call (normalisers,
+        RPS refits), cached afterwards."""
+        return methods.get(method).prepare(self)
 
-    def _lje(self):
-        """(Theta* (C, Dp) float64, residuals at Theta* (N, C), curvature at Theta*)."""
-        if self.theta is None:
-            raise ValueError("method 'rps_lje' needs the trained layer: pass weight= (and the bias "
-                             "vector as bias=) to the Attributor")
-        if self._lje_curvature is None:
-            theta_star = self._cached("lje_theta", lambda: rps.ascent_step(
-                self.phi, self.r, self.theta, self.config["lje_step"]))
-            logits_star = (self.phi.double() @ theta_star.T).to(self.phi.dtype)
-            self._cached("lje_r", lambda: ops.residuals(logits_star, self.train.labels))
-            self._lje_curvature = curv.build(self.curvature_name, self.damping,
-                                             self.config["kfac_damping"], self.phi, logits_star)
-        return self._cache["lje_theta"], self._cache["lje_r"], self._lje_curvature
+    def query(self, test: LastLayerData, method: str) -> Query:
+        """The test side of `method`: Query(gradient, offset), with gradient
+        curvature.General(S (T, C', Dp')) or curvature.Rank1(alpha (T, C'),
+        beta (T, Dp')). `query.topk(self.prepare(method), k)` is `topk`."""
+        m = methods.get(method)
+        self._check_test(test)
+        return m.query(self, test)
 
-    def _knn_phi(self) -> torch.Tensor:
-        # -|f_t - f_i|^2 = [2 f_t, -1] . [f_i, |f_i|^2] - |f_t|^2: a dot product plus an offset.
-        f = self.train.features
-        return self._cached("knn_phi", lambda: torch.cat([f, f.square().sum(1, keepdim=True)], 1))
-
-    def _train_side(self, method: str):
-        """(R (N, C'), Phi (N, Dp'), inv_norm (N,)) for the score op."""
-        if method == "rps_l2":
-            return self._rps_alpha(), self.phi, self._inv_norm(method)
-        if method == "rps_lje":
-            return self._lje()[1], self.phi, self._inv_norm(method)
-        if method == "knn":
-            return torch.ones_like(self.phi[:, :1]), self._knn_phi(), self._inv_norm(method)
-        return self.r, self.phi, self._inv_norm(method)
-
-    # ---------------------------------------------------------------- test side
-
-    def _check_method(self, method: str) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-    def _query(self, test: LastLayerData, method: str) -> _Query:
-        self._check_method(method)
+    def _check_test(self, test) -> None:
         if not isinstance(test, LastLayerData):
             raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
         D = self.train.features.shape[1]
@@ -256,28 +214,6 @@ class Attributor:
         if test.features.device != self.phi.device:
             raise ValueError(f"test is on {test.features.device} but train is on {self.phi.device}")
         _check_magnitude("test.features", test.features)
-        explained = test.explained_labels()
-        phi = self._augment(test.features)
-        if method == "knn":
-            f = test.features
-            return _Query(curv.Rank1(torch.ones_like(f[:, :1]), torch.cat([2 * f, -torch.ones_like(f[:, :1])], 1)),
-                          -f.square().sum(1))
-        if method in ("rps_l2", "rps_lje"):
-            onehot = torch.nn.functional.one_hot(explained, test.num_classes).to(phi.dtype)
-            if method == "rps_l2":
-                return _Query(curv.Rank1(onehot, phi), None)
-            theta_star, _, curvature_star = self._lje()
-            N = self.num_train
-            logit = (phi.double() @ theta_star.T).gather(1, explained.view(-1, 1)).view(-1)
-            return _Query(_scaled(curvature_star.precondition(onehot, phi), -1.0 / N),
-                          (logit / N).to(phi.dtype))
-        r = ops.residuals(test.logits, explained)
-        if method == "grad_dot":
-            return _Query(curv.Rank1(r, phi), None)
-        if method == "grad_cos":
-            norms = curv.gradient_sq_norms(r, phi).sqrt()
-            return _Query(curv.Rank1(r * _safe_reciprocal(norms).to(r.dtype).unsqueeze(1), phi), None)
-        return _Query(self.curvature.precondition(r, phi), None)
 
     # ---------------------------------------------------------------- API
 
@@ -285,63 +221,23 @@ class Attributor:
         """(T, N): score(t, i) of every training example for every test example.
         IF family: positive = helpful (up-weighting i lowers the test loss).
         RPS: i's contribution to the explained logit. kNN: -|f_t - f_i|^2."""
-        q = self._query(test, method)
-        R, Phi, inv = self._train_side(method)
-        if isinstance(q.pre, curv.Rank1):
-            out = ops.scores_rank1(q.pre.alpha, q.pre.beta, R, Phi, inv)
-        else:
-            out = ops.scores(q.pre.S, R, Phi, inv)
-        return out if q.offset is None else out + q.offset.unsqueeze(1)
+        return self.query(test, method).scores(self.prepare(method))
 
     def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True):
         """(values, indices), each (T, k), best first: the k most helpful training
         examples per test example, or with largest=False the k most harmful
         (opponents). Never builds the (T, N) matrix."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
-            raise ValueError(f"k must be an integer in [1, N] = [1, {self.num_train}], got {k!r}")
-        _check_largest(largest)
-        q = self._query(test, method)
-        R, Phi, inv = self._train_side(method)
-        if isinstance(q.pre, curv.Rank1):
-            values, indices = ops.topk_rank1(q.pre.alpha, q.pre.beta, R, Phi, inv, k, largest)
-        else:
-            values, indices = ops.topk(q.pre.S, R, Phi, inv, k, largest)
-        return (values if q.offset is None else values + q.offset.unsqueeze(1)), indices
+        return self.query(test, method).topk(self.prepare(method), k, largest)
 
     def total_scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
-        """(N,): sum over the test set of score(t, i), in one pass: the score is
-        linear in S_t, so the test side is summed first."""
-        q = self._query(test, method)
-        R, Phi, inv = self._train_side(method)
-        if isinstance(q.pre, curv.Rank1):
-            S = q.pre.alpha.T @ q.pre.beta
-        else:
-            S = q.pre.S.sum(0)
-        out = ops.scores(S.unsqueeze(0).contiguous(), R, Phi, inv)[0]
-        return out if q.offset is None else out + q.offset.sum()
+        """(N,): sum over the test set of score(t, i), in one pass."""
+        return self.query(test, method).total(self.prepare(method))
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own
         label; large values flag examples the model finds hard or mislabelled
         (for RPS, rank by the absolute value). kNN: 0 by definition."""
-        self._check_method(method)
-        y = self.train.labels
-        if method == "knn":
-            return torch.zeros_like(self.phi[:, 0])
-        if method == "rps_l2":
-            return self._rps_alpha().gather(1, y.view(-1, 1)).view(-1) * self.phi.square().sum(1)
-        if method == "rps_lje":
-            theta_star, r_star, curvature_star = self._lje()
-            N = self.num_train
-            onehot = torch.nn.functional.one_hot(y, self.train.num_classes).to(self.phi.dtype)
-            # e_y^T H*^-1 (r*_i phi_i^T) phi_i by polarisation: both sides are rank 1 in phi_i.
-            cross = (curvature_star.norms(onehot + r_star, self.phi)[1]
-                     - curvature_star.norms(onehot - r_star, self.phi)[1]) / 4
-            logit = (self.phi.double() @ theta_star.T).gather(1, y.view(-1, 1)).view(-1)
-            return (logit.to(self.phi.dtype) - cross) / N
-        if method in ("grad_dot", "grad_cos"):
-            return self._grad_sq_norms() * self._inv_norm(method).square()
-        return self._curvature_norms()[1] * self._inv_norm(method)
+        return methods.get(method).self_influence(self)
 
     # ---------------------------------------------------------------- state
 
@@ -355,10 +251,10 @@ class Attributor:
         kind, curvature_tensors = curv.state(self.curvature)
         tensors.update({f"curvature.{k}": v for k, v in curvature_tensors.items()})
         config = dict(self.config, curvature_kind=kind)
-        if self._lje_curvature is not None:
-            kind, lje_tensors = curv.state(self._lje_curvature)
-            tensors.update({f"lje_curvature.{k}": v for k, v in lje_tensors.items()})
-            config["lje_curvature_kind"] = kind
+        for name, curvature in self._curvatures.items():
+            kind, extra = curv.state(curvature)
+            tensors.update({f"{name}.{k}": v for k, v in extra.items()})
+            config[f"{name}_kind"] = kind
         tensors.update({f"cache.{k}": v for k, v in self._cache.items()})
         return {k: v.contiguous() for k, v in tensors.items()}, config
 
@@ -374,8 +270,9 @@ class Attributor:
         self = cls.__new__(cls)
         self._setup(train, {k: v for k, v in config.items() if not k.endswith("_kind")}, tensors.get("theta"))
         self.curvature = curv.from_state(config["curvature_kind"], group("curvature."))
-        if "lje_curvature_kind" in config:
-            self._lje_curvature = curv.from_state(config["lje_curvature_kind"], group("lje_curvature."))
+        for name in _saved_specs()[1]:
+            if f"{name}_kind" in config:
+                self._curvatures[name] = curv.from_state(config[f"{name}_kind"], group(f"{name}."))
         self._cache = group("cache.")
         return self
 
@@ -390,10 +287,12 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
     """Checks saved Attributor state against its own settings before anything uses it."""
     if not isinstance(config, dict):
         raise ValueError(f"{prefix[:-1]} must be a JSON object, got {type(config).__name__}")
+    specs, extra_curvatures = _saved_specs()
     for key in _CONFIG_KEYS:
         if key not in config:
             raise ValueError(f"missing key '{prefix}{key}'")
-    unknown = set(config) - set(_CONFIG_KEYS) - {"lje_curvature_kind"}
+    curvature_keys = ("curvature",) + extra_curvatures
+    unknown = set(config) - set(_CONFIG_KEYS) - {f"{name}_kind" for name in extra_curvatures}
     if unknown:
         raise ValueError(f"unknown key '{prefix}{sorted(unknown)[0]}'")
     _check_config(config["curvature"], config["damping"], config["kfac_damping"], config["rps_lambda"],
@@ -401,7 +300,7 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
     if not isinstance(config["bias"], bool):
         raise ValueError(f"{prefix}bias must be true or false, got {config['bias']!r}")
     kind = curv.kind_of(config["curvature"], config["kfac_damping"])
-    for key in ("curvature_kind", "lje_curvature_kind"):
+    for key in (f"{name}_kind" for name in curvature_keys):
         if key in config and config[key] != kind:
             raise ValueError(f"{prefix}{key} is {config[key]!r} but curvature={config['curvature']!r}, "
                              f"kfac_damping={config['kfac_damping']!r} give {kind!r}")
@@ -416,14 +315,14 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
     C, Dp = train.num_classes, D + int(config["bias"])
     sizes = {"N": N, "C": C, "D": D, "Dp": Dp, "D+1": D + 1}
     expected = {"theta": ((C, Dp), torch.float64)}
-    for group, kind_key in (("curvature.", "curvature_kind"), ("lje_curvature.", "lje_curvature_kind")):
-        if kind_key in config:
-            for name, shape in curv.KINDS[config[kind_key]].shapes(C, Dp).items():
-                expected[group + name] = (shape, train.features.dtype)
-    for name, spec in _CACHE_SPEC.items():
+    for group in curvature_keys:
+        if f"{group}_kind" in config:
+            for name, shape in curv.KINDS[config[f"{group}_kind"]].shapes(C, Dp).items():
+                expected[f"{group}.{name}"] = (shape, train.features.dtype)
+    for name, spec in specs.items():
         dims, dtype = (spec[:-1], spec[-1]) if isinstance(spec[-1], torch.dtype) else (spec, train.features.dtype)
         expected["cache." + name] = (tuple(sizes[d] for d in dims), dtype)
-    required = [k for k in expected if k.startswith(("curvature.", "lje_curvature."))]
+    required = [k for k in expected if k.startswith(tuple(f"{group}." for group in curvature_keys))]
     for key in required:
         if key not in tensors:
             raise ValueError(f"missing tensor '{key}'")

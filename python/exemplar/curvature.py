@@ -1,5 +1,5 @@
 """Damped inverse curvature H_lambda^-1 in the forms the kernels consume
-(DESIGN.md §2). Statistics come from the ops in float64; decompositions are
+(docs/design.md §2). Statistics come from the ops in float64; decompositions are
 torch.linalg in float64; the operators used for scoring are cast to the data's
 dtype. Each curvature answers two questions: precondition a batch of test
 gradients g_t = r_t phi_t^T into S_t = H_lambda^-1 g_t (general or rank-1), and
@@ -35,6 +35,12 @@ class General:
 class Rank1:
     alpha: torch.Tensor  # (T, C)
     beta: torch.Tensor  # (T, Dp)
+
+
+def scaled(gradient: General | Rank1, factor: float) -> General | Rank1:
+    if isinstance(gradient, Rank1):
+        return Rank1(gradient.alpha * factor, gradient.beta)
+    return General(gradient.S * factor)
 
 
 def gradient_sq_norms(R: torch.Tensor, Phi: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from .attributor import INFLUENCE_METHODS, METHODS, Attributor
+from . import methods
+from .attributor import Attributor
 from .data import LastLayerData
 from .progress import Progress
 
@@ -19,10 +20,11 @@ DEBUG_METHODS = ("if", "rps_l2", "rps_lje", "random")
 def inspection_order(attributor: Attributor, method: str = "if") -> torch.Tensor:
     """(N,) training indices, most suspicious first: by self-influence for the
     influence methods, by |self-contribution| |alpha_i K(x_i, x_i)| for RPS."""
-    if method not in METHODS or method == "knn":
-        raise ValueError(f"method must be one of {tuple(m for m in METHODS if m != 'knn')}, got {method!r}")
+    ranked = methods.names("influence") + methods.names("representer")
+    if method not in ranked:
+        raise ValueError(f"method must be one of {ranked}, got {method!r}")
     score = attributor.self_influence(method)
-    if method not in INFLUENCE_METHODS:
+    if methods.get(method).family == "representer":
         score = score.abs()
     return torch.sort(score, descending=True, stable=True).indices
 

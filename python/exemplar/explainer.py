@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attributor import METHODS, Attributor
+from . import methods
+from .attributor import Attributor
 from .data import LastLayerData, integer_labels
 from .hooks import LastLayer
 
@@ -40,8 +41,7 @@ class Explainer:
     def __init__(self, model: nn.Module, train_loader, method: str = "theta_relatif",
                  curvature: str = "kfac", layer: str | nn.Module | None = None,
                  progress: bool = True, output=None, **attributor_kwargs):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        methods.get(method)  # an unknown name fails before the training pass
         self.hook = LastLayer(model, layer, output)
         train = self.hook.collect(train_loader, progress)
         if train.labels is None:
@@ -50,7 +50,7 @@ class Explainer:
         self.attributor = Attributor(train, curvature=curvature, weight=self.hook.weight,
                                      bias=False if bias is None else bias, **attributor_kwargs)
         self.method = method
-        self.attributor._train_side(method)  # normalisers / RPS fits now, not on the first query
+        self.attributor.prepare(method)  # normalisers / RPS fits now, not on the first query
 
     def _test_data(self, test_inputs, labels, progress) -> LastLayerData:
         batches = [test_inputs] if isinstance(test_inputs, torch.Tensor) else test_inputs
@@ -141,8 +141,10 @@ def _metadata(header, path) -> dict:
     if meta["format"] != FORMAT:
         raise ValueError(f"{path} is not an exemplar Explainer file of format {FORMAT!r} "
                          f"(format {meta['format']!r})")
-    if meta["method"] not in METHODS:
-        raise ValueError(f"{path}: 'method' must be one of {METHODS}, got {meta['method']!r}")
+    try:
+        methods.get(meta["method"])
+    except ValueError as err:
+        raise ValueError(f"{path}: 'method': {err}") from None
     if not isinstance(meta["layer"], str):
         raise ValueError(f"{path}: 'layer' must be a module name, got {meta['layer']!r}")
     if not isinstance(meta["attributor"], dict):

@@ -57,7 +57,8 @@ def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
 
 
 def _check_topk_args(k, largest, r) -> None:
-    # The dispatcher takes a Python bool as an int and None as False; refuse both here.
+    # Types only: the dispatcher takes a Python bool as an int and None as False.
+    # The range of k is checked once, by the op itself (csrc/checks.h).
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k!r}")
     if not isinstance(largest, bool):
@@ -127,7 +128,7 @@ def _(alpha, beta, r, phi, inv_norm):
 
 
 def _fake_topk(rows, r, k):
-    torch._check(1 <= k <= r.shape[0], lambda: f"k must be in [1, N={r.shape[0]}], got {k}")
+    torch._check_value(1 <= k <= r.shape[0], lambda: f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k}")
     return r.new_empty(rows, k), r.new_empty(rows, k, dtype=torch.int64)
 
 

@@ -1,4 +1,4 @@
-"""The truth: every score of DESIGN.md §1-§2 computed the slow, obvious way in
+"""The truth: every score of docs/design.md §1-§2 computed the slow, obvious way in
 float64, with explicit per-example gradients and an explicit (C*Dp, C*Dp)
 inverse curvature. Tests compare the kernels to this; bench/ uses it as the
 naive baseline. Nothing here is clever on purpose, and nothing here calls the

@@ -18,9 +18,9 @@ DEBUG_NAMES = {"if": "IF", "rps_l2": "RPS-l2", "rps_lje": "RPS-LJE", "random": "
 
 def _german_credit(quick: bool, seed: int):
     """XGBoost (30 trees, depth 3) on a random 700/300 split of German credit."""
-    from exemplar.trees import TreeEnsemble, _xgboost
+    from exemplar.trees import TreeEnsemble
 
-    xgb = _xgboost()
+    xgb = datasets.xgboost()
     X, y, _ = datasets.german_credit()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:700], perm[700:]

@@ -6,6 +6,7 @@ import collections
 import functools
 import gzip
 import importlib.util
+import os
 import pickle
 import re
 import unicodedata
@@ -14,12 +15,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where Fashion-MNIST's four idx files are: the environment names the folder.
+FASHION_ENV = "FASHION_MNIST_DIR"
 
 
 def _need(module: str, install: str):
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"this experiment needs the {module!r} package: {install}")
+
+
+def xgboost():
+    _need("xgboost", "pip install xgboost-cpu")
+    import xgboost as xgb
+
+    return xgb
+
+
+def _fashion_dir() -> Path:
+    where = os.environ.get(FASHION_ENV)
+    install = ("apt-get install dataset-fashion-mnist installs it in /usr/share/datasets/fashion-mnist")
+    if not where:
+        raise ImportError(f"Fashion-MNIST: set {FASHION_ENV} to the folder holding "
+                          f"train-images-idx3-ubyte.gz and the other idx files ({install})")
+    folder = Path(where)
+    if not (folder / "train-images-idx3-ubyte.gz").exists():
+        raise ImportError(f"Fashion-MNIST is not in {FASHION_ENV}={where} (no train-images-idx3-ubyte.gz); "
+                          f"{install}")
+    return folder
 
 
 def _pool(images: torch.Tensor, pool: int) -> torch.Tensor:
@@ -50,12 +72,11 @@ def _idx(path: Path, offset: int) -> np.ndarray:
 
 def fashion_mnist(pool: int = 1):
     """Fashion-MNIST 60k/10k: (Xtr, ytr, Xte, yte) like `mnist`."""
-    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-        raise ImportError(f"Fashion-MNIST is not in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
+    folder = _fashion_dir()
     out = []
     for split in ("train", "t10k"):
-        images = _idx(FASHION_DIR / f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        labels = _idx(FASHION_DIR / f"{split}-labels-idx1-ubyte.gz", 8)
+        images = _idx(folder / f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _idx(folder / f"{split}-labels-idx1-ubyte.gz", 8)
         out += [_pool(torch.tensor(images / 255.0, dtype=torch.float64), pool),
                 torch.tensor(labels.astype(np.int64))]
     return tuple(out)

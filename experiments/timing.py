@@ -32,7 +32,7 @@ def running_time(quick: bool, results: Results) -> dict:
         fit_start = time.perf_counter()
         attr = model.attributor(curvature)
         for m in ("theta_relatif", "l_relatif"):
-            attr._train_side(m)  # the normalisers, once per training set
+            attr.prepare(m)  # the normalisers, once per training set
         setup = time.perf_counter() - fit_start
         test = model.data(Xte[:n_test])
         times = {m: _per_test(attr, test, m) for m in ("if", "theta_relatif", "l_relatif")}

@@ -1,4 +1,4 @@
-"""python -m exemplar.repro NAME [--quick] [--out results]   (NAME: an experiment or "all")"""
+"""python -m experiments NAME [--quick] [--out results]   (NAME: an experiment or "all")"""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def run(name: str, quick: bool, out: str = "results") -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m exemplar.repro", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                      epilog="\n".join(f"{k}: {d}" for k, (_, d) in EXPERIMENTS.items()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=list(EXPERIMENTS) + ["all"])

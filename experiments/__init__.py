@@ -1,5 +1,7 @@
-"""Reproductions of the papers' findings on real data: `python -m exemplar.repro NAME [--quick]`.
-Each experiment writes results/NAME/README.md (tables) and PNG figures."""
+"""Reproductions of the papers' findings on real data: `python -m experiments NAME [--quick]`,
+run from the repository root. Each experiment writes results/NAME/README.md
+(tables) and PNG figures. This folder is not part of the installed library: it
+uses exemplar's public API and the library never imports it."""
 from __future__ import annotations
 
 from . import barshan, sui, timing

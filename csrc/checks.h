@@ -1,17 +1,14 @@
-// Declarations shared by the CPU and CUDA implementations, and the argument
-// checks every implementation runs first, so a bad call gets the same message
-// on every device.
+// The argument checks every implementation of an op runs first, so a bad call
+// gets the same message on every device (and from C++, where no Python layer
+// checks anything).
 //
 // Shape letters: N train rows, T test rows, C classes, Dp = D' feature columns
 // (the bias column, when there is one, is already appended by the caller).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <tuple>
 
 namespace exemplar {
-
-// ---------------------------------------------------------------- checks
 
 #define EXEMPLAR_CHECK_DIM(op, x, d, shape)                                    \
   TORCH_CHECK((x).dim() == (d), op, ": ", #x, " must be ", shape, ", a ", d,   \
@@ -34,14 +31,26 @@ inline void check_same(const char* op, const at::Tensor& x, const char* name,
               " but ", ref_name, " is on ", ref.device());
 }
 
+// Two per-example matrices of one non-empty training set: first (N, .), second (N, .),
+// floating point, same dtype and device.
+inline void check_rows(const char* op, const at::Tensor& first, const char* first_name,
+                       const char* first_shape, const at::Tensor& second,
+                       const char* second_name, const char* second_shape) {
+  TORCH_CHECK(first.dim() == 2, op, ": ", first_name, " must be ", first_shape,
+              ", a 2-d tensor, got shape ", first.sizes());
+  TORCH_CHECK(second.dim() == 2, op, ": ", second_name, " must be ", second_shape,
+              ", a 2-d tensor, got shape ", second.sizes());
+  check_floating(op, first, first_name);
+  check_same(op, second, second_name, first, first_name);
+  TORCH_CHECK(first.size(0) >= 1, op, ": the training set is empty (", first_name,
+              " has N=0 rows)");
+  TORCH_CHECK(second.size(0) == first.size(0), op, ": ", second_name, " must be ", second_shape,
+              " with N from ", first_name, "=", first.size(0), ", got shape ", second.sizes());
+}
+
 // The factored training gradients: R (N, C), Phi (N, Dp).
 inline void check_factored(const char* op, const at::Tensor& R, const at::Tensor& Phi) {
-  EXEMPLAR_CHECK_DIM(op, R, 2, "(N, C)");
-  EXEMPLAR_CHECK_DIM(op, Phi, 2, "(N, Dp)");
-  check_floating(op, R, "R");
-  check_same(op, Phi, "Phi", R, "R");
-  TORCH_CHECK(R.size(0) >= 1, op, ": the training set is empty (R has N=0 rows)");
-  EXEMPLAR_CHECK_SIZE(op, Phi, 0, R.size(0), "(N, Dp)", "N from R");
+  check_rows(op, R, "R", "(N, C)", Phi, "Phi", "(N, Dp)");
 }
 
 // The training-side operands of every score op: R (N, C), Phi (N, Dp), inv_norm (N,).
@@ -77,8 +86,11 @@ inline void check_rank1(const char* op, const at::Tensor& alpha, const at::Tenso
   EXEMPLAR_CHECK_SIZE(op, beta, 0, alpha.size(0), "(T, Dp)", "T from alpha");
 }
 
+// The one range check of k; exemplar.ops checks only its Python type, which
+// the dispatcher cannot see (it takes True for 1).
 inline void check_k(const char* op, int64_t k, int64_t N) {
-  TORCH_CHECK(k >= 1 && k <= N, op, ": k must be in [1, N] = [1, ", N, "], got k=", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be an integer in [1, N] = [1, ", N,
+                    "], got ", k);
 }
 
 // The full argument checks of exemplar::topk and exemplar::topk_rank1, run
@@ -121,73 +133,17 @@ inline void check_labels_in_range(const char* op, const at::Tensor& labels, int6
 
 // Phi (N, Dp), logits (N, C): the inputs of every curvature statistic.
 inline void check_phi_logits(const char* op, const at::Tensor& Phi, const at::Tensor& logits) {
-  EXEMPLAR_CHECK_DIM(op, Phi, 2, "(N, Dp)");
-  EXEMPLAR_CHECK_DIM(op, logits, 2, "(N, C)");
-  check_floating(op, Phi, "Phi");
-  check_same(op, logits, "logits", Phi, "Phi");
-  TORCH_CHECK(Phi.size(0) >= 1, op, ": the training set is empty (Phi has N=0 rows)");
-  EXEMPLAR_CHECK_SIZE(op, logits, 0, Phi.size(0), "(N, C)", "N from Phi");
+  check_rows(op, Phi, "Phi", "(N, Dp)", logits, "logits", "(N, C)");
 }
 
-// ---------------------------------------------------------------- tiling
-
-// Rows of the training set scored per step. The general path holds a
-// (rows, C*Dp) gradient tile, so rows shrink as C*Dp grows; a fixed size for a
-// given shape keeps the dense and top-k paths bit-identical.
-inline int64_t train_tile_rows(int64_t C, int64_t Dp, bool rank1) {
-  const int64_t budget = int64_t(1) << 20;  // elements in the gradient tile: stays cache-sized
-  const int64_t width = rank1 ? (C + Dp) : (C * Dp);
-  return std::max<int64_t>(256, std::min<int64_t>(4096, budget / std::max<int64_t>(width, 1)));
+// x (n, n): a square factor or inverse on Phi's device.
+inline void check_square(const char* op, const at::Tensor& x, const char* name, int64_t n,
+                         const char* what, const at::Tensor& ref) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == n && x.size(1) == n, op, ": ", name,
+              " must be (", what, ", ", what, ") = (", n, ", ", n, "), got shape ", x.sizes());
+  check_floating(op, x, name);
+  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, " is on ", x.device(),
+              " but Phi is on ", ref.device());
 }
-constexpr int64_t kTestBlockRows = 1024;
-
-// ---------------------------------------------------------------- ops
-// Device-generic (ATen compositions, registered for CPU and CUDA):
-
-// Phi (N, Dp), logits (N, C) -> A (Dp, Dp) = Phi^T Phi / N, G (C, C) = mean of diag(p) - p p^T
-std::tuple<at::Tensor, at::Tensor> kfac_factors(const at::Tensor& Phi, const at::Tensor& logits);
-// Phi (N, Dp), logits (N, C), QA (Dp, Dp), QG (C, C) -> Lambda* (C, Dp)
-at::Tensor ekfac_eigenvalues(const at::Tensor& Phi, const at::Tensor& logits,
-                             const at::Tensor& QA, const at::Tensor& QG);
-// Phi (N, Dp), logits (N, C) -> H (C*Dp, C*Dp), row-major flattening c*Dp + d
-at::Tensor exact_hessian(const at::Tensor& Phi, const at::Tensor& logits);
-// R (N, C), Phi (N, Dp), QG (C, C), QA (Dp, Dp), w (C, Dp)
-//   -> (sum r'^2 phi'^2 w^2, sum r'^2 phi'^2 w), each (N,)
-std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R, const at::Tensor& Phi,
-                                                    const at::Tensor& QG, const at::Tensor& QA,
-                                                    const at::Tensor& w);
-// R (N, C), Phi (N, Dp), Hinv (C*Dp, C*Dp) -> (|Hinv g|^2, g^T Hinv g), each (N,)
-std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R, const at::Tensor& Phi,
-                                               const at::Tensor& Hinv);
-// S (T, C, Dp), R (N, C), Phi (N, Dp), inv_norm (N,) -> (T, N)
-at::Tensor scores(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
-                  const at::Tensor& inv_norm);
-// alpha (T, C), beta (T, Dp), R (N, C), Phi (N, Dp), inv_norm (N,) -> (T, N)
-at::Tensor scores_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
-                        const at::Tensor& Phi, const at::Tensor& inv_norm);
-
-// Device-specific (csrc/cpu, csrc/cuda):
-// logits (N, C), labels (N,) -> R = softmax(logits) - onehot(labels), (N, C)
-at::Tensor residuals_cpu(const at::Tensor& logits, const at::Tensor& labels);
-std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& S, const at::Tensor& R,
-                                            const at::Tensor& Phi, const at::Tensor& inv_norm,
-                                            int64_t k, bool largest);
-std::tuple<at::Tensor, at::Tensor> topk_rank1_cpu(const at::Tensor& alpha, const at::Tensor& beta,
-                                                  const at::Tensor& R, const at::Tensor& Phi,
-                                                  const at::Tensor& inv_norm, int64_t k,
-                                                  bool largest);
 
 }  // namespace exemplar
-
-#ifdef EXEMPLAR_WITH_CUDA
-namespace exemplar {
-at::Tensor residuals_cuda(const at::Tensor& logits, const at::Tensor& labels);
-std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& S, const at::Tensor& R,
-                                             const at::Tensor& Phi, const at::Tensor& inv_norm,
-                                             int64_t k, bool largest);
-std::tuple<at::Tensor, at::Tensor> topk_rank1_cuda(const at::Tensor& alpha, const at::Tensor& beta,
-                                                   const at::Tensor& R, const at::Tensor& Phi,
-                                                   const at::Tensor& inv_norm, int64_t k,
-                                                   bool largest);
-}  // namespace exemplar
-#endif

@@ -111,7 +111,7 @@ class Results:
     def write(self) -> Path:
         mode = " --quick" if self.quick else ""
         head = (f"# {self.name}{' (quick mode)' if self.quick else ''}\n\n"
-                f"Command: `python -m exemplar.repro {self.name}{mode}`. "
+                f"Command: `python -m experiments {self.name}{mode}`. "
                 f"Ran in {time.monotonic() - self.start:.0f} s on {torch.get_num_threads()} CPU threads.\n")
         path = self.dir / "README.md"
         path.write_text(head + "\n" + "\n\n".join(self.parts) + "\n")

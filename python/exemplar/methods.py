@@ -1,0 +1,293 @@
+"""The attribution methods, one class each, registered by name (docs/design.md §1).
+
+Every method reduces to the fused score op (`ops.scores`/`ops.topk` and their
+rank-1 forms): a training side `TrainOperands(r, phi, inv_norm)`, computed once
+per Attributor, and a test side `Query(gradient, offset)`, so that
+
+    score(t, i) = <S_t, r_i phi_i^T> * inv_norm_i + offset_t.
+
+A method is a subclass of `Method` decorated with `@register`; it reads the
+Attributor's public state (`train`, `phi`, `r`, `curvature`, `theta`, `config`)
+and keeps what it fits in `attr.cached(...)`, so saved state carries it. The
+Attributor itself holds no per-method code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from . import curvature as curv
+from . import ops, rps
+from .data import LastLayerData
+
+if TYPE_CHECKING:
+    from .attributor import Attributor
+
+
+@dataclass(frozen=True)
+class TrainOperands:
+    """The training side of the score ops, exactly as they take it."""
+    r: torch.Tensor  # (N, C') per-example factor on the class side
+    phi: torch.Tensor  # (N, Dp') per-example factor on the feature side
+    inv_norm: torch.Tensor  # (N,) multiplies every score of training example i
+
+
+@dataclass(frozen=True)
+class Query:
+    """The test side of the score ops: `gradient` is curvature.General(S (T, C', Dp'))
+    or curvature.Rank1(alpha (T, C'), beta (T, Dp')), S_t = alpha_t beta_t^T;
+    `offset` (T,) or None is added to every score of test t."""
+    gradient: curv.General | curv.Rank1
+    offset: torch.Tensor | None = None
+
+    def _shifted(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.offset is None else values + self.offset.unsqueeze(1)
+
+    def scores(self, train: TrainOperands) -> torch.Tensor:
+        """(T, N): ops.scores / ops.scores_rank1 plus the offset."""
+        g = self.gradient
+        if isinstance(g, curv.Rank1):
+            return self._shifted(ops.scores_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm))
+        return self._shifted(ops.scores(g.S, train.r, train.phi, train.inv_norm))
+
+    def topk(self, train: TrainOperands, k: int, largest: bool = True):
+        """(values (T, k), indices (T, k)): ops.topk / ops.topk_rank1 plus the offset,
+        which is the same for every training example so it never changes the order."""
+        g = self.gradient
+        if isinstance(g, curv.Rank1):
+            values, indices = ops.topk_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm, k, largest)
+        else:
+            values, indices = ops.topk(g.S, train.r, train.phi, train.inv_norm, k, largest)
+        return self._shifted(values), indices
+
+    def total(self, train: TrainOperands) -> torch.Tensor:
+        """(N,): sum over tests of score(t, i) in one pass; the score is linear in
+        S_t, so the test side is summed first."""
+        g = self.gradient
+        S = g.alpha.T @ g.beta if isinstance(g, curv.Rank1) else g.S.sum(0)
+        out = ops.scores(S.unsqueeze(0).contiguous(), train.r, train.phi, train.inv_norm)[0]
+        return out if self.offset is None else out + self.offset.sum()
+
+
+def safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    # A zero-gradient example (a perfectly fit one) scores 0 under every method.
+    return torch.where(x > 0, 1.0 / x.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+
+
+class Method:
+    """One attribution method. `family` is "influence" (score = loss change,
+    self-influence ranks by value), "representer" (score = a logit
+    contribution, rank self-influence by magnitude) or "distance" (no
+    self-influence). `saved` maps each tensor the method caches to its shape
+    in N, C, D, Dp, "D+1", optionally followed by a dtype (default: the
+    training features'), and
+    `curvatures` names the extra curvatures it fits, so saved state is checked."""
+    name: ClassVar[str]
+    family: ClassVar[str] = "influence"
+    saved: ClassVar[dict[str, tuple]] = {}
+    curvatures: ClassVar[tuple[str, ...]] = ()
+
+    def inv_norm(self, attr: Attributor) -> torch.Tensor:
+        return attr.cached("ones", lambda: torch.ones_like(attr.phi[:, 0]))
+
+    def prepare(self, attr: Attributor) -> TrainOperands:
+        return TrainOperands(attr.r, attr.phi, self.inv_norm(attr))
+
+    def query(self, attr: Attributor, test: LastLayerData) -> Query:
+        raise NotImplementedError
+
+    def self_influence(self, attr: Attributor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: makes `cls.name` a method every API accepts."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    del _REGISTRY[name]
+
+
+def names(family: str | None = None) -> tuple[str, ...]:
+    return tuple(n for n, m in _REGISTRY.items() if family is None or m.family == family)
+
+
+def get(name) -> Method:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"method must be one of {names()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def test_residuals(attr: Attributor, test: LastLayerData) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r (T, C), phi (T, Dp)): the factored loss gradients of the explained classes."""
+    return ops.residuals(test.logits, test.explained_labels()), attr.augment(test.features)
+
+
+# ------------------------------------------------------------ influence family
+
+
+@register
+class InfluenceFunction(Method):
+    """Koh & Liang: score = g_t^T H^-1 g_i."""
+    name = "if"
+
+    def query(self, attr, test):
+        return Query(attr.curvature.precondition(*test_residuals(attr, test)))
+
+    def self_influence(self, attr):
+        return attr.curvature_norms()[1] * self.inv_norm(attr)
+
+
+@register
+class ThetaRelatIF(InfluenceFunction):
+    """Barshan et al.: IF / |H^-1 g_i|."""
+    name = "theta_relatif"
+    saved = {"inv_theta": ("N",)}
+
+    def inv_norm(self, attr):
+        return attr.cached("inv_theta", lambda: safe_reciprocal(attr.curvature_norms()[0].sqrt()))
+
+
+@register
+class LRelatIF(InfluenceFunction):
+    """Barshan et al.: IF / sqrt(g_i^T H^-1 g_i)."""
+    name = "l_relatif"
+    saved = {"inv_l": ("N",)}
+
+    def inv_norm(self, attr):
+        return attr.cached("inv_l", lambda: safe_reciprocal(attr.curvature_norms()[1].clamp_min(0).sqrt()))
+
+
+@register
+class GradDot(Method):
+    """g_t^T g_i: influence with the identity for curvature."""
+    name = "grad_dot"
+
+    def query(self, attr, test):
+        return Query(curv.Rank1(*test_residuals(attr, test)))
+
+    def self_influence(self, attr):
+        return attr.gradient_sq_norms() * self.inv_norm(attr).square()
+
+
+@register
+class GradCos(GradDot):
+    """g_t^T g_i / (|g_t| |g_i|)."""
+    name = "grad_cos"
+    saved = {"inv_grad": ("N",)}
+
+    def inv_norm(self, attr):
+        return attr.cached("inv_grad", lambda: safe_reciprocal(attr.gradient_sq_norms().sqrt()))
+
+    def query(self, attr, test):
+        r, phi = test_residuals(attr, test)
+        norms = curv.gradient_sq_norms(r, phi).sqrt()
+        return Query(curv.Rank1(r * safe_reciprocal(norms).to(r.dtype).unsqueeze(1), phi))
+
+
+# ------------------------------------------------------------ representer points
+
+
+def _explained_onehot(attr, test):
+    """(onehot (T, C), phi (T, Dp)): the test side of a logit, e_y phi_t^T."""
+    phi = attr.augment(test.features)
+    return torch.nn.functional.one_hot(test.explained_labels(), test.num_classes).to(phi.dtype), phi
+
+
+@register
+class RpsL2(Method):
+    """Yeh et al. / Sui Eq. 2-4: the explained logit of the l2-regularised refit,
+    sum_i alpha_iy <phi_i, phi_t>."""
+    name = "rps_l2"
+    family = "representer"
+    saved = {"rps_l2_alpha": ("N", "C"), "rps_l2_theta": ("C", "Dp", torch.float64)}
+
+    def refit(self, attr) -> tuple[torch.Tensor, torch.Tensor]:
+        """(theta (C, Dp) float64, alpha (N, C)): the refit and its representer values."""
+        def fit():
+            theta, alpha = rps.fit_l2(attr.phi, attr.train.logits, attr.config["rps_lambda"], init=attr.theta)
+            return theta, alpha.to(attr.phi.dtype)
+        return attr.cached(("rps_l2_theta", "rps_l2_alpha"), fit)
+
+    def prepare(self, attr):
+        return TrainOperands(self.refit(attr)[1], attr.phi, self.inv_norm(attr))
+
+    def query(self, attr, test):
+        return Query(curv.Rank1(*_explained_onehot(attr, test)))
+
+    def self_influence(self, attr):
+        y = attr.train.labels
+        return self.refit(attr)[1].gather(1, y.view(-1, 1)).view(-1) * attr.phi.square().sum(1)
+
+
+@register
+class RpsLJE(Method):
+    """Sui Eq. 7-11: the explained logit at Theta* = Theta + gamma mean gradient,
+    expanded around Theta by the curvature at Theta*."""
+    name = "rps_lje"
+    family = "representer"
+    saved = {"lje_theta": ("C", "Dp", torch.float64), "lje_r": ("N", "C")}
+    curvatures = ("lje_curvature",)
+
+    def expansion(self, attr):
+        """(Theta* (C, Dp) float64, residuals at Theta* (N, C), curvature at Theta*)."""
+        if attr.theta is None:
+            raise ValueError("method 'rps_lje' needs the trained layer: pass weight= (and the bias "
+                             "vector as bias=) to the Attributor")
+        theta_star = attr.cached("lje_theta", lambda: rps.ascent_step(
+            attr.phi, attr.r, attr.theta, attr.config["lje_step"]))
+        logits_star = (attr.phi.double() @ theta_star.T).to(attr.phi.dtype)
+        r_star = attr.cached("lje_r", lambda: ops.residuals(logits_star, attr.train.labels))
+        return theta_star, r_star, attr.curvature_at("lje_curvature", logits_star)
+
+    def prepare(self, attr):
+        return TrainOperands(self.expansion(attr)[1], attr.phi, self.inv_norm(attr))
+
+    def query(self, attr, test):
+        onehot, phi = _explained_onehot(attr, test)
+        theta_star, _, curvature_star = self.expansion(attr)
+        N = attr.num_train
+        logit = (phi.double() @ theta_star.T).gather(1, test.explained_labels().view(-1, 1)).view(-1)
+        return Query(curv.scaled(curvature_star.precondition(onehot, phi), -1.0 / N), (logit / N).to(phi.dtype))
+
+    def self_influence(self, attr):
+        theta_star, r_star, curvature_star = self.expansion(attr)
+        y, phi = attr.train.labels, attr.phi
+        onehot = torch.nn.functional.one_hot(y, attr.train.num_classes).to(phi.dtype)
+        # e_y^T H*^-1 (r*_i phi_i^T) phi_i by polarisation: both sides are rank 1 in phi_i.
+        cross = (curvature_star.norms(onehot + r_star, phi)[1] - curvature_star.norms(onehot - r_star, phi)[1]) / 4
+        logit = (phi.double() @ theta_star.T).gather(1, y.view(-1, 1)).view(-1)
+        return (logit.to(phi.dtype) - cross) / attr.num_train
+
+
+# ------------------------------------------------------------ nearest neighbours
+
+
+@register
+class Knn(Method):
+    """-|f_t - f_i|^2 on the raw features = [2 f_t, -1] . [f_i, |f_i|^2] - |f_t|^2:
+    a rank-1 dot product plus a per-test offset."""
+    name = "knn"
+    family = "distance"
+    saved = {"knn_phi": ("N", "D+1")}
+
+    def prepare(self, attr):
+        f = attr.train.features
+        phi = attr.cached("knn_phi", lambda: torch.cat([f, f.square().sum(1, keepdim=True)], 1))
+        return TrainOperands(torch.ones_like(attr.phi[:, :1]), phi, self.inv_norm(attr))
+
+    def query(self, attr, test):
+        f = test.features
+        ones = torch.ones_like(f[:, :1])
+        return Query(curv.Rank1(ones, torch.cat([2 * f, -ones], 1)), -f.square().sum(1))
+
+    def self_influence(self, attr):
+        return torch.zeros_like(attr.phi[:, 0])

@@ -1,0 +1,120 @@
+"""Helpers shared by the tests: random data (never zeros), operands of the
+score ops with their float64 truth, opcheck cases and the documented top-k
+order. Import with `from helpers import ...` (pytest puts tests/ on the path)."""
+import math
+
+import torch
+
+import exemplar
+from exemplar import ops
+
+
+def make_data(n, c, d, dtype=torch.float64, seed=0, labels=True, device="cpu"):
+    """Random last-layer data with logits of realistic spread; never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d, generator=g, dtype=torch.float64)
+    logits = 2.0 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g) if labels else None
+    features, logits = features.to(device, dtype), logits.to(device, dtype)
+    return exemplar.LastLayerData(features, logits, None if y is None else y.to(device))
+
+
+def make_layer_data(n, c, d, dtype=torch.float64, seed=0, labels=True):
+    """(data, weight (C, D), bias (C,)): features through a random linear layer,
+    so the logits are exactly what the layer outputs (RPS-LJE needs the layer)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(c, d, generator=g, dtype=torch.float64) / d**0.5
+    bias = 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
+    logits = features @ weight.T + bias
+    y = torch.randint(0, c, (n,), generator=g) if labels else None
+    data = exemplar.LastLayerData(features.to(dtype), logits.to(dtype), y)
+    return data, weight.to(dtype), bias.to(dtype)
+
+
+def randn(*shape, dtype=torch.float64, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def general_operands(T, N, C, Dp, dtype=torch.float64, seed=0):
+    return (randn(T, C, Dp, dtype=dtype, seed=seed), randn(N, C, dtype=dtype, seed=seed + 1),
+            randn(N, Dp, dtype=dtype, seed=seed + 2),
+            randn(N, dtype=dtype, seed=seed + 3).abs() + 0.1)
+
+
+def rank1_operands(T, N, C, Dp, dtype=torch.float64, seed=0):
+    return (randn(T, C, dtype=dtype, seed=seed), randn(T, Dp, dtype=dtype, seed=seed + 4),
+            *general_operands(T, N, C, Dp, dtype, seed)[1:])
+
+
+def general_truth(S, R, Phi, inv):
+    return torch.einsum("tcd,ic,id->ti", S.double(), R.double(), Phi.double()) * inv.double()
+
+
+def rank1_truth(a, b, R, Phi, inv):
+    a, b, R, Phi, inv = (x.double() for x in (a, b, R, Phi, inv))
+    return (a @ R.T) * (b @ Phi.T) * inv
+
+
+# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 256 rows,
+# C+Dp = 523 -> 2004 rows) and 1024-row test blocks, plus the degenerate N=1.
+GENERAL_SIZES = [(1, 1, 2, 1), (3, 500, 10, 513), (1100, 70, 3, 5)]
+RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]
+
+
+# path -> (operands, float64 truth, dense op, top-k op, sizes)
+PATHS = {
+    "general": (general_operands, general_truth, ops.scores, ops.topk, GENERAL_SIZES),
+    "rank1": (rank1_operands, rank1_truth, ops.scores_rank1, ops.topk_rank1, RANK1_SIZES),
+}
+PATH_SIZES = [(path, size) for path, spec in PATHS.items() for size in spec[4]]
+
+
+def check_topk_near(values, indices, truth, k, largest, tol=1e-4):
+    """values/indices on any device against float64 (T, N) truth on the CPU, to a
+    relative tolerance; an index may differ from the truth's only at a near-tie."""
+    values, indices = values.cpu().double(), indices.cpu()
+    want = torch.topk(truth, k, dim=1, largest=largest).values
+    scale = truth.abs().max()
+    assert float((values - want).abs().max() / scale) <= tol
+    assert float((torch.gather(truth, 1, indices) - values).abs().max() / scale) <= tol
+    assert all(len(set(row.tolist())) == k for row in indices)
+    # A returned index can differ from the float64 top-k only at a near-tie.
+    kth = want[:, -1:]
+    outside = ~torch.isin(indices, torch.topk(truth, k, dim=1, largest=largest).indices)
+    assert bool(((torch.gather(truth, 1, indices) - kth).abs()[outside] <= tol * scale).all())
+
+
+def opcheck_cases(device="cpu"):
+    f64 = dict(dtype=torch.float64)
+    data = make_data(19, 3, 4, device=device, seed=12)
+    phi = torch.cat([data.features, torch.ones(19, 1, device=device, **f64)], 1)
+    QA = torch.linalg.qr(randn(5, 5, seed=1))[0].to(device)
+    QG = torch.linalg.qr(randn(3, 3, seed=2))[0].to(device)
+    w = (randn(3, 5, seed=3).abs() + 0.1).to(device)
+    S, R, Phi, inv = (x.to(device) for x in general_operands(4, 19, 3, 5, seed=4))
+    a, b = (x.to(device) for x in rank1_operands(4, 19, 3, 5, seed=4)[:2])
+    hinv = torch.eye(15, device=device, **f64)
+    ex = torch.ops.exemplar
+    return [
+        (ex.residuals, (data.logits, data.labels)),
+        (ex.kfac_factors, (phi, data.logits)),
+        (ex.ekfac_eigenvalues, (phi, data.logits, QA, QG)),
+        (ex.exact_hessian, (phi, data.logits)),
+        (ex.eigenbasis_norms, (R, Phi, QG, QA, w)),
+        (ex.dense_norms, (R, Phi, hinv)),
+        (ex.scores, (S, R, Phi, inv)),
+        (ex.scores_rank1, (a, b, R, Phi, inv)),
+        (ex.topk, (S, R, Phi, inv, 3, True)),
+        (ex.topk, (S, R, Phi, inv, 19, False)),
+        (ex.topk_rank1, (a, b, R, Phi, inv, 2, True)),
+    ]
+
+
+def policy_order(scores, largest):
+    """The documented order: better score first, NaN after every number, ties
+    (and NaNs) by ascending index."""
+    def key(i):
+        v = scores[i]
+        return (math.isnan(v), 0.0 if math.isnan(v) else (-v if largest else v), i)
+    return sorted(range(len(scores)), key=key)
