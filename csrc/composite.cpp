@@ -12,6 +12,12 @@
 namespace exemplar {
 namespace {
 
+// x (n, m) -> |x_i|^2 (n,), squared and summed in float64 without a float64
+// copy of x: |H^-1 g| ~ 1/|phi| leaves float32's range for features past ~1e19.
+at::Tensor squared_norms(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/false, at::kDouble).square_();
+}
+
 // rows (n, C), cols (n, Dp) -> per-example gradients (n, C*Dp), row-major c*Dp + d.
 at::Tensor outer_rows(const at::Tensor& rows, const at::Tensor& cols) {
   return (rows.unsqueeze(2) * cols.unsqueeze(1)).reshape({rows.size(0), -1});
@@ -77,20 +83,52 @@ at::Tensor ekfac_eigenvalues(const at::Tensor& Phi, const at::Tensor& logits,
   return lam.div_(static_cast<double>(N));
 }
 
+// H = (1/N) sum_i Lambda_i (x) phi_i phi_i^T has C x C blocks
+// H_cc' = -(1/N) Phi^T diag(p_c p_c') Phi for c != c', each a symmetric Gram
+// matrix, and since every row of Lambda_i sums to 0, H_cc = -sum_{c' != c} H_cc'.
+// So only the C(C-1)/2 blocks above the diagonal take GEMMs (one per row of
+// blocks per tile, in Phi's dtype); the diagonal blocks are sums of
+// same-signed terms, exact for confident fits where p (1 - p) would cancel.
+// float32 data sums in float32 over at most kMaxTileRows rows (what one GEMM
+// of that depth does) and in float64 across them.
 at::Tensor exact_hessian(const at::Tensor& Phi, const at::Tensor& logits) {
   check_phi_logits("exemplar::exact_hessian", Phi, logits);
   const at::OptionalDeviceGuard guard(at::device_of(Phi));
-  const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1);
-  auto H = at::zeros({C * Dp, C * Dp}, Phi.options().dtype(at::kDouble));
-  const int64_t rows = rows_per_tile(C * Dp);
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t n = std::min(rows, N - n0);
-    auto phi = Phi.narrow(0, n0, n).to(at::kDouble);
-    auto X = outer_rows(at::softmax(logits.narrow(0, n0, n).to(at::kDouble), 1), phi);
-    H.addmm_(X.t(), X, /*beta=*/1, /*alpha=*/-1);  // - p_ic p_ic' phi_id phi_id'
-    for (int64_t c = 0; c < C; ++c) {              // + p_ic phi_id phi_id' on the diagonal blocks
-      H.narrow(0, c * Dp, Dp).narrow(1, c * Dp, Dp).addmm_(X.narrow(1, c * Dp, Dp).t(), phi);
+  const int64_t N = Phi.size(0), C = logits.size(1), Dp = Phi.size(1), n = C * Dp;
+  auto H = at::zeros({n, n}, Phi.options().dtype(at::kDouble));
+  auto block = [&](const at::Tensor& M, int64_t c, int64_t c2, int64_t count = 1) {
+    return M.narrow(0, c * Dp, Dp).narrow(1, c2 * Dp, count * Dp);
+  };
+  if (C > 1) {
+    const bool narrow_sums = Phi.scalar_type() != at::kDouble;
+    auto sums = narrow_sums ? at::zeros({n, n}, Phi.options()) : H;
+    const int64_t rows = rows_per_tile(n);
+    int64_t pending = 0;
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t m = std::min(rows, N - n0);
+      auto P = at::softmax(logits.narrow(0, n0, m).to(at::kDouble), 1).to(Phi.scalar_type());
+      auto X = outer_rows(P, Phi.narrow(0, n0, m));  // p_c phi, (m, C*Dp)
+      for (int64_t c = 0; c + 1 < C; ++c) {         // blocks (c, c+1..C-1) -= (p_c phi)^T (p_c' phi)
+        block(sums, c, c + 1, C - c - 1)
+            .addmm_(X.narrow(1, c * Dp, Dp).t(), X.narrow(1, (c + 1) * Dp, (C - c - 1) * Dp),
+                    /*beta=*/1, /*alpha=*/-1);
+      }
+      pending += m;
+      if (narrow_sums && (pending + rows > kMaxTileRows || n0 + m == N)) {
+        for (int64_t c = 0; c + 1 < C; ++c) block(H, c, c + 1, C - c - 1).add_(block(sums, c, c + 1, C - c - 1));
+        sums.zero_();
+        pending = 0;
+      }
     }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    auto diagonal = block(H, c, c);
+    for (int64_t c2 = 0; c2 < C; ++c2) {
+      if (c2 != c) diagonal.sub_(block(H, std::min(c, c2), std::max(c, c2)));
+    }
+  }
+  for (int64_t c = 1; c < C; ++c) {  // lower blocks = upper blocks transposed
+    block(H, c, 0, c).copy_(H.narrow(0, 0, c * Dp).narrow(1, c * Dp, Dp).t());
   }
   return H.div_(static_cast<double>(N));
 }
@@ -146,11 +184,53 @@ std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R_, const at::T
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
-    auto y = at::mm(g, Hinv).to(at::kDouble);  // squared in float64: |Hinv g| ~ 1/|phi|
-    sq_norm.narrow(0, n0, n).copy_(y.square().sum(1));
-    quad.narrow(0, n0, n).copy_((y * g.to(at::kDouble)).sum(1));
+    auto y = at::mm(g, Hinv);
+    sq_norm.narrow(0, n0, n).copy_(squared_norms(y));
+    quad.narrow(0, n0, n).copy_(at::sum(y * g, 1, /*keepdim=*/false, at::kDouble));
   }
   return {sq_norm, quad};
+}
+
+namespace {
+// Per tile of per-example gradients g (rows, C*Dp): z = L^-1 g, so g^T H^-1 g =
+// |z|^2, and with `squares` y = L^-T z = H^-1 g, so |H^-1 g|^2 = |y|^2. Two
+// triangular solves cost what one GEMM against an explicit inverse does, and
+// the inverse itself is never formed.
+std::tuple<at::Tensor, at::Tensor> triangular_norms(const char* op, const at::Tensor& R_,
+                                                    const at::Tensor& Phi_, const at::Tensor& L_,
+                                                    bool squares) {
+  check_factored(op, R_, Phi_);
+  const int64_t N = R_.size(0), CDp = R_.size(1) * Phi_.size(1);
+  check_square(op, L_, "chol", CDp, "C*Dp", Phi_);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi_));
+  auto R = R_.contiguous();
+  auto Phi = Phi_.contiguous();
+  auto L = L_.to(R.scalar_type()).contiguous();
+  auto Lt = L.t().contiguous();
+  auto quad = at::empty({N}, R.options());
+  auto sq_norm = squares ? at::empty({N}, R.options()) : at::Tensor();
+  const int64_t rows = rows_per_tile(2 * CDp);
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
+    auto z = at::linalg_solve_triangular(Lt, g, /*upper=*/true, /*left=*/false);  // rows g^T L^-T
+    quad.narrow(0, n0, n).copy_(squared_norms(z));
+    if (squares) {
+      auto y = at::linalg_solve_triangular(L, z, /*upper=*/false, /*left=*/false);  // rows z^T L^-1
+      sq_norm.narrow(0, n0, n).copy_(squared_norms(y));
+    }
+  }
+  return {sq_norm, quad};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cholesky_norms(const at::Tensor& R, const at::Tensor& Phi,
+                                                  const at::Tensor& L) {
+  return triangular_norms("exemplar::cholesky_norms", R, Phi, L, /*squares=*/true);
+}
+
+at::Tensor cholesky_quad_norms(const at::Tensor& R, const at::Tensor& Phi, const at::Tensor& L) {
+  return std::get<1>(triangular_norms("exemplar::cholesky_quad_norms", R, Phi, L, /*squares=*/false));
 }
 
 namespace {
@@ -186,6 +266,8 @@ TORCH_LIBRARY_IMPL(exemplar, CompositeExplicitAutograd, m) {
   m.impl("exact_hessian", &exact_hessian);
   m.impl("eigenbasis_norms", &eigenbasis_norms);
   m.impl("dense_norms", &dense_norms);
+  m.impl("cholesky_norms", &cholesky_norms);
+  m.impl("cholesky_quad_norms", &cholesky_quad_norms);
   m.impl("scores", &scores);
   m.impl("scores_rank1", &scores_rank1);
 }

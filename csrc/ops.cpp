@@ -11,6 +11,8 @@ TORCH_LIBRARY(exemplar, m) {
   m.def("exact_hessian(Tensor phi, Tensor logits) -> Tensor");
   m.def("eigenbasis_norms(Tensor r, Tensor phi, Tensor qg, Tensor qa, Tensor w) -> (Tensor, Tensor)");
   m.def("dense_norms(Tensor r, Tensor phi, Tensor hinv) -> (Tensor, Tensor)");
+  m.def("cholesky_norms(Tensor r, Tensor phi, Tensor chol) -> (Tensor, Tensor)");
+  m.def("cholesky_quad_norms(Tensor r, Tensor phi, Tensor chol) -> Tensor");
   m.def("scores(Tensor s, Tensor r, Tensor phi, Tensor inv_norm) -> Tensor");
   m.def("scores_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm) -> Tensor");
   m.def("topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");

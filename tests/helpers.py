@@ -56,9 +56,9 @@ def rank1_truth(a, b, R, Phi, inv):
     return (a @ R.T) * (b @ Phi.T) * inv
 
 
-# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 256 rows,
-# C+Dp = 523 -> 2004 rows) and 1024-row test blocks, plus the degenerate N=1.
-GENERAL_SIZES = [(1, 1, 2, 1), (3, 500, 10, 513), (1100, 70, 3, 5)]
+# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 1635 rows,
+# C+Dp = 523 -> 4096 rows) and 1024-row test blocks, plus the degenerate N=1.
+GENERAL_SIZES = [(1, 1, 2, 1), (3, 1700, 10, 513), (1100, 70, 3, 5)]
 RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]
 
 
@@ -103,6 +103,8 @@ def opcheck_cases(device="cpu"):
         (ex.exact_hessian, (phi, data.logits)),
         (ex.eigenbasis_norms, (R, Phi, QG, QA, w)),
         (ex.dense_norms, (R, Phi, hinv)),
+        (ex.cholesky_norms, (R, Phi, hinv)),  # the identity is its own Cholesky factor
+        (ex.cholesky_quad_norms, (R, Phi, hinv)),
         (ex.scores, (S, R, Phi, inv)),
         (ex.scores_rank1, (a, b, R, Phi, inv)),
         (ex.topk, (S, R, Phi, inv, 3, True)),

@@ -98,8 +98,13 @@ def test_norm_ops(dtype, device):
     g = (R.double().unsqueeze(2) * Phi.double().unsqueeze(1)).reshape(N, -1)
     want_sq, want_quad = (g @ Hinv).square().sum(1), ((g @ Hinv) * g).sum(1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    R, Phi, QG, QA, w, Hinv = on(device, R, Phi, QG, QA, w, Hinv)
-    for sq, quad in (ops.eigenbasis_norms(R, Phi, QG, QA, w), ops.dense_norms(R, Phi, Hinv)):
+    chol = torch.linalg.cholesky(torch.linalg.inv(Hinv))  # H = chol chol^T
+    R, Phi, QG, QA, w, Hinv, chol = on(device, R, Phi, QG, QA, w, Hinv, chol)
+    quad_alone = ops.cholesky_quad_norms(R, Phi, chol)
+    assert quad_alone.dtype == dtype and quad_alone.device.type == device
+    assert float(((quad_alone.cpu().double() - want_quad) / want_quad).abs().max()) <= tol
+    for sq, quad in (ops.eigenbasis_norms(R, Phi, QG, QA, w), ops.dense_norms(R, Phi, Hinv),
+                     ops.cholesky_norms(R, Phi, chol)):
         assert sq.dtype == dtype and sq.device.type == device
         sq, quad = sq.cpu(), quad.cpu()
         assert float(((sq.double() - want_sq) / want_sq).abs().max()) <= tol

@@ -179,6 +179,10 @@ class Attributor:
         """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (N,): one pass, on first use."""
         return self.cached(("norm_sq", "norm_quad"), lambda: self.curvature.norms(self.r, self.phi))
 
+    def curvature_quad_norms(self) -> torch.Tensor:
+        """g_i^T H^-1 g_i, (N,): alone where the curvature computes it for less."""
+        return self.cached("norm_quad", lambda: self.curvature.quad_norms(self.r, self.phi))
+
     def gradient_sq_norms(self) -> torch.Tensor:
         """|g_i|^2, (N,)."""
         return self.cached("grad_sq", lambda: curv.gradient_sq_norms(self.r, self.phi).to(self.phi.dtype))
@@ -280,6 +284,13 @@ class Attributor:
         return f"Attributor(N={self.num_train}, C={self.train.num_classes}, {json.dumps(self.config)})"
 
 
+def _shape_and_dtype(spec: tuple, data_dtype: torch.dtype) -> tuple[tuple, torch.dtype]:
+    """A saved tensor's spec: its dimensions, optionally followed by its dtype (default: the data's)."""
+    if spec and isinstance(spec[-1], torch.dtype):
+        return spec[:-1], spec[-1]
+    return spec, data_dtype
+
+
 _CONFIG_KEYS = ("curvature", "damping", "kfac_damping", "rps_lambda", "lje_step", "bias", "curvature_kind")
 
 
@@ -299,11 +310,12 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
                   config["lje_step"], prefix)
     if not isinstance(config["bias"], bool):
         raise ValueError(f"{prefix}bias must be true or false, got {config['bias']!r}")
-    kind = curv.kind_of(config["curvature"], config["kfac_damping"])
+    kinds = curv.kinds_of(config["curvature"], config["kfac_damping"], config["damping"])
     for key in (f"{name}_kind" for name in curvature_keys):
-        if key in config and config[key] != kind:
+        if key in config and config[key] not in kinds:
             raise ValueError(f"{prefix}{key} is {config[key]!r} but curvature={config['curvature']!r}, "
-                             f"kfac_damping={config['kfac_damping']!r} give {kind!r}")
+                             f"kfac_damping={config['kfac_damping']!r}, damping={config['damping']!r} "
+                             f"give {' or '.join(map(repr, kinds))}")
     for key in ("train.features", "train.logits", "train.labels"):
         if not isinstance(tensors.get(key), torch.Tensor):
             raise ValueError(f"missing tensor '{key}'")
@@ -317,10 +329,10 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
     expected = {"theta": ((C, Dp), torch.float64)}
     for group in curvature_keys:
         if f"{group}_kind" in config:
-            for name, shape in curv.KINDS[config[f"{group}_kind"]].shapes(C, Dp).items():
-                expected[f"{group}.{name}"] = (shape, train.features.dtype)
+            for name, spec in curv.KINDS[config[f"{group}_kind"]].shapes(C, Dp).items():
+                expected[f"{group}.{name}"] = _shape_and_dtype(spec, train.features.dtype)
     for name, spec in specs.items():
-        dims, dtype = (spec[:-1], spec[-1]) if isinstance(spec[-1], torch.dtype) else (spec, train.features.dtype)
+        dims, dtype = _shape_and_dtype(spec, train.features.dtype)
         expected["cache." + name] = (tuple(sizes[d] for d in dims), dtype)
     required = [k for k in expected if k.startswith(tuple(f"{group}." for group in curvature_keys))]
     for key in required:

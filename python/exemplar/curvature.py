@@ -24,6 +24,9 @@ PSEUDO_INVERSE_FLOOR = 1e-12
 # Bytes of float64 (C*Dp)^2 matrices exact curvature holds at its peak: H, its
 # eigenvectors, their weighted copy and the inverse.
 EXACT_MATRICES = 4
+# Sustained GEMM/factorisation rate behind exact_cost's time estimates: about
+# what 2 cores of the development machine give (bench/RESULTS.md measures it).
+EXACT_GFLOPS = 100
 
 
 @dataclass
@@ -103,9 +106,9 @@ def project_out_null(hinv: torch.Tensor, C: int, Dp: int) -> torch.Tensor:
     holds on the null space would otherwise swamp, in float32 rounding, the
     ~1/|phi|^2 it holds elsewhere once features are large."""
     h = hinv.view(C, Dp, C, Dp)
-    h = h - h.mean(0, keepdim=True)
-    h = h - h.mean(2, keepdim=True)
-    return h.reshape(C * Dp, C * Dp)
+    h.sub_(h.mean(0, keepdim=True))  # in place: the inverse may be most of memory
+    h.sub_(h.mean(2, keepdim=True))
+    return hinv
 
 
 def available_bytes(device: torch.device) -> int:
@@ -119,28 +122,54 @@ def available_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_exact_fits(C: int, Dp: int, device: torch.device) -> None:
-    """Refuses exact curvature before allocating when its matrices cannot fit."""
+def exact_cost(C: int, Dp: int, N: int) -> dict[str, float]:
+    """Estimated peak bytes and seconds of exact curvature for C classes, Dp
+    feature columns and N training examples: `fit_s` assembles H (C(C+1)/2
+    Gram blocks, N Dp^2 C(C+1) flops) and factorises it ((C Dp)^3 / 3),
+    `norms_s` adds the RelatIF normalisers (the inverse, 2/3 (C Dp)^3, and one
+    (N, C Dp) x (C Dp, C Dp) product). Seconds assume EXACT_GFLOPS."""
     n = C * Dp
-    need = EXACT_MATRICES * 8 * n * n
+    fit = N * Dp**2 * C * (C + 1) + n**3 / 3
+    norms = 2 * n**3 / 3 + 2 * N * n**2
+    return {"bytes": EXACT_MATRICES * 8.0 * n * n, "fit_s": fit / EXACT_GFLOPS / 1e9,
+            "norms_s": norms / EXACT_GFLOPS / 1e9}
+
+
+def check_exact_fits(C: int, Dp: int, N: int, device: torch.device) -> None:
+    """Refuses exact curvature before allocating when its matrices cannot fit,
+    saying what it would cost and what to use instead."""
+    cost = exact_cost(C, Dp, N)
     have = available_bytes(device)
-    if need > have:
-        raise MemoryError(f"exact curvature for C*Dp = {n} needs about {need / 1e9:.1f} GB "
-                          f"({EXACT_MATRICES} float64 matrices of {n} x {n}), more than the "
-                          f"{have / 1e9:.1f} GB available on {device}; use curvature='ekfac' "
-                          "(or 'kfac') for a head this large")
+    if cost["bytes"] > have:
+        raise MemoryError(f"exact curvature for C*Dp = {C * Dp} needs about {cost['bytes'] / 1e9:.1f} GB "
+                          f"({EXACT_MATRICES} float64 matrices of {C * Dp} x {C * Dp}), more than the "
+                          f"{have / 1e9:.1f} GB available on {device}, and about {cost['fit_s']:.0f} s to fit "
+                          f"(+{cost['norms_s']:.0f} s for RelatIF normalisers) at N = {N}; use "
+                          "curvature='ekfac' (or 'kfac') for a head this large")
 
 
-class Exact:
-    """H_lambda^-1 as an explicit (C*Dp, C*Dp) matrix."""
+class Curvature:
+    """What every curvature answers: precondition(r (T, C), phi (T, Dp)) -> General
+    or Rank1; norms(R, Phi) -> (|H^-1 g_i|^2, g_i^T H^-1 g_i), each (N,); and
+    quad_norms, the second alone, where a curvature gets it for less."""
+
+    def quad_norms(self, R, Phi):
+        return self.norms(R, Phi)[1]
+
+
+class Exact(Curvature):
+    """H_lambda^-1 as an explicit (C*Dp, C*Dp) matrix: the pseudo-inverse, from an
+    eigendecomposition, when damping = 0."""
 
     def __init__(self, hinv):
         self.hinv = hinv  # (C*Dp, C*Dp)
 
     @classmethod
     def fit(cls, phi, logits, damping):
-        check_exact_fits(logits.shape[1], phi.shape[1], phi.device)
-        e, V = torch.linalg.eigh(ops.exact_hessian(phi, logits))
+        check_exact_fits(logits.shape[1], phi.shape[1], phi.shape[0], phi.device)
+        # float64 GEMMs: the pseudo-inverse reads the smallest eigenvalues, which
+        # float32 sums would bury in rounding.
+        e, V = torch.linalg.eigh(ops.exact_hessian(phi.double(), logits.double()))
         check_pseudo_inverse(e, phi, damping)
         hinv = project_out_null((V * inverse_damped(e, damping)) @ V.T, logits.shape[1], phi.shape[1])
         return cls(cast_inverse(hinv, phi.dtype, damping))
@@ -158,7 +187,74 @@ class Exact:
         return ops.dense_norms(R, Phi, self.hinv)
 
 
-class Eigenbasis:
+def residual_basis(C: int, device=None) -> torch.Tensor:
+    """(C, C-1) float64 orthonormal columns spanning {r : sum r = 0}, where
+    every residual p - e_y lies (Helmert's basis). In these coordinates the
+    softmax's null directions, where H is 0, are gone."""
+    j = torch.arange(1, C, dtype=torch.float64, device=device)
+    c = torch.arange(C, device=device).unsqueeze(1)
+    scale = (j * (j + 1)).rsqrt()
+    return torch.where(c < j, scale, torch.where(c == j, -j * scale, torch.zeros_like(scale)))
+
+
+class ExactCholesky(Curvature):
+    """H_lambda^-1 through a Cholesky factor (damping > 0), a third of the flops
+    of an eigendecomposition, in the residual basis E = residual_basis(C):
+    every gradient is g = (E s) phi^T with s = E^T r, so H_lambda^-1 g =
+    (E x I) H~^-1 (s x phi) with H~ = (E x I)^T H (E x I) + lambda I of side
+    (C-1) Dp. That is smaller than H ((C-1)^2/C^2 the work per solve) and has
+    no null directions for float32 rounding to be amplified in by 1/damping.
+    Test gradients are solved for; the training set's norms are triangular
+    solves, or one GEMM against the inverse when N is large enough to pay for it."""
+
+    def __init__(self, chol):
+        self.chol = chol  # ((C-1)*Dp, (C-1)*Dp) float64, lower triangular
+
+    @classmethod
+    def fit(cls, phi, logits, damping):
+        C, Dp = logits.shape[1], phi.shape[1]
+        check_exact_fits(C, Dp, phi.shape[0], phi.device)
+        cast_inverse(torch.tensor(1.0 / damping, dtype=torch.float64), phi.dtype, damping)  # its largest entry
+        E = residual_basis(C, phi.device)
+        H = ops.exact_hessian(phi, logits).view(C, Dp, C, Dp)
+        reduced = torch.einsum("ca,cdke,kb->adbe", E, H, E).reshape((C - 1) * Dp, (C - 1) * Dp)
+        del H
+        reduced.diagonal().add_(damping)
+        chol, info = torch.linalg.cholesky_ex(reduced)
+        if int(info) != 0:  # H is PSD, so only rounding far beyond damping gets here
+            raise ValueError(f"damping={damping}: H + damping I is not positive definite in float64 "
+                             f"(Cholesky failed at row {int(info)}); use a larger damping")
+        return cls(chol)
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"chol": ((C - 1) * Dp, (C - 1) * Dp, torch.float64)}
+
+    def _reduced(self, R):
+        """R (N, C) -> R E (N, C-1), the residuals' coordinates in the basis."""
+        return (R.double() @ residual_basis(R.shape[1], R.device)).to(R.dtype)
+
+    def precondition(self, r, phi):
+        T, C, Dp = r.shape[0], r.shape[1], phi.shape[1]
+        E = residual_basis(C, r.device)
+        g = ((r.double() @ E).unsqueeze(2) * phi.double().unsqueeze(1)).reshape(T, (C - 1) * Dp)
+        y = torch.cholesky_solve(g.T, self.chol).T.reshape(T, C - 1, Dp)
+        return General(torch.einsum("ck,tkd->tcd", E, y).to(r.dtype))
+
+    def norms(self, R, Phi):
+        # Both norms cost 2 N ((C-1) Dp)^2 either way; a GEMM against the
+        # explicit inverse runs faster than triangular solves on small factors,
+        # and the inverse's (2/3)((C-1) Dp)^3 pays off once N is several times
+        # (C-1) Dp (bench/RESULTS.md, exact curvature).
+        if 4 * self.chol.shape[0] < R.shape[0]:
+            return ops.dense_norms(self._reduced(R), Phi, torch.cholesky_inverse(self.chol).to(R.dtype))
+        return ops.cholesky_norms(self._reduced(R), Phi, self.chol)
+
+    def quad_norms(self, R, Phi):
+        return ops.cholesky_quad_norms(self._reduced(R), Phi, self.chol)
+
+
+class Eigenbasis(Curvature):
     """H_lambda^-1 = (Q_G x Q_A) diag(w) (Q_G x Q_A)^T with a full (C, Dp) weight
     grid: K-FAC with eigenbasis damping, and EK-FAC."""
 
@@ -177,7 +273,7 @@ class Eigenbasis:
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.w)
 
 
-class Factored:
+class Factored(Curvature):
     """K-FAC with factored damping: (G + pi sqrt(l) I)^-1 x (A + sqrt(l)/pi I)^-1,
     a Kronecker product, so every S_t is rank 1."""
 
@@ -206,7 +302,7 @@ class Factored:
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, torch.outer(self.u, self.v))
 
 
-class Identity:
+class Identity(Curvature):
     """H_lambda^-1 = I / lambda, or I when lambda = 0 (plain gradient dot products)."""
 
     def __init__(self, scale):
@@ -230,7 +326,7 @@ class Identity:
         return (sq * scale**2).to(R.dtype), (sq * scale).to(R.dtype)
 
 
-KINDS = {cls.__name__: cls for cls in (Exact, Eigenbasis, Factored, Identity)}
+KINDS = {cls.__name__: cls for cls in (Exact, ExactCholesky, Eigenbasis, Factored, Identity)}
 
 
 def state(curvature) -> tuple[str, dict[str, torch.Tensor]]:
@@ -244,18 +340,22 @@ def from_state(kind: str, tensors: dict[str, torch.Tensor]):
     return KINDS[kind](**tensors)
 
 
-def kind_of(curvature: str, kfac_damping: str) -> str:
-    """The class name `build` returns for these settings."""
+def kinds_of(curvature: str, kfac_damping: str, damping: float) -> tuple[str, ...]:
+    """The class names a curvature with these settings may be stored as (the
+    first is what `build` returns; exact curvature saved as an explicit inverse
+    stays loadable at any damping)."""
     if curvature == "kfac":
-        return "Factored" if kfac_damping == "factored" else "Eigenbasis"
-    return {"exact": "Exact", "ekfac": "Eigenbasis", "identity": "Identity"}[curvature]
+        return ("Factored",) if kfac_damping == "factored" else ("Eigenbasis",)
+    if curvature == "exact":
+        return ("ExactCholesky", "Exact") if damping > 0 else ("Exact",)
+    return {"ekfac": ("Eigenbasis",), "identity": ("Identity",)}[curvature]
 
 
 def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
     if curvature == "identity":
         return Identity.fit(damping, phi)
     if curvature == "exact":
-        return Exact.fit(phi, logits, damping)
+        return (ExactCholesky if damping > 0 else Exact).fit(phi, logits, damping)
     A, G = ops.kfac_factors(phi, logits)
     sa, qa = torch.linalg.eigh(A)
     sg, qg = torch.linalg.eigh(G)

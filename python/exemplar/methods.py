@@ -143,7 +143,7 @@ class InfluenceFunction(Method):
         return Query(attr.curvature.precondition(*test_residuals(attr, test)))
 
     def self_influence(self, attr):
-        return attr.curvature_norms()[1] * self.inv_norm(attr)
+        return attr.curvature_quad_norms() * self.inv_norm(attr)
 
 
 @register
@@ -163,7 +163,7 @@ class LRelatIF(InfluenceFunction):
     saved = {"inv_l": ("N",)}
 
     def inv_norm(self, attr):
-        return attr.cached("inv_l", lambda: safe_reciprocal(attr.curvature_norms()[1].clamp_min(0).sqrt()))
+        return attr.cached("inv_l", lambda: safe_reciprocal(attr.curvature_quad_norms().clamp_min(0).sqrt()))
 
 
 @register

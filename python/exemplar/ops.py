@@ -46,6 +46,17 @@ def dense_norms(r, phi, hinv):
     return _ops.dense_norms(r, phi, hinv)
 
 
+def cholesky_norms(r, phi, chol):
+    """r (N, C), phi (N, Dp), chol (C*Dp, C*Dp) lower, H = chol chol^T
+    -> (|H^-1 g|^2, g^T H^-1 g), each (N,), by triangular solves."""
+    return _ops.cholesky_norms(r, phi, chol)
+
+
+def cholesky_quad_norms(r, phi, chol) -> torch.Tensor:
+    """r (N, C), phi (N, Dp), chol (C*Dp, C*Dp) lower -> g^T H^-1 g (N,): one triangular solve."""
+    return _ops.cholesky_quad_norms(r, phi, chol)
+
+
 def scores(s, r, phi, inv_norm) -> torch.Tensor:
     """s (T, C, Dp), r (N, C), phi (N, Dp), inv_norm (N,) -> (T, N)."""
     return _ops.scores(s, r, phi, inv_norm)
@@ -115,6 +126,16 @@ def _(r, phi, qg, qa, w):
 @torch.library.register_fake("exemplar::dense_norms")
 def _(r, phi, hinv):
     return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
+
+
+@torch.library.register_fake("exemplar::cholesky_norms")
+def _(r, phi, chol):
+    return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
+
+
+@torch.library.register_fake("exemplar::cholesky_quad_norms")
+def _(r, phi, chol):
+    return r.new_empty(r.shape[0])
 
 
 @torch.library.register_fake("exemplar::scores")
