@@ -168,61 +168,59 @@ std::tuple<at::Tensor, at::Tensor> eigenbasis_norms(const at::Tensor& R_, const 
   return {sq_norm, quad};
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R_, const at::Tensor& Phi_,
-                                               const at::Tensor& Hinv_) {
-  const char* op = "exemplar::dense_norms";
-  check_factored(op, R_, Phi_);
-  const int64_t N = R_.size(0), CDp = R_.size(1) * Phi_.size(1);
-  check_square(op, Hinv_, "Hinv", CDp, "C*Dp", Phi_);
-  const at::OptionalDeviceGuard guard(at::device_of(Phi_));
+namespace {
+// The loop every per-example norm op shares: per tile of per-example gradients
+// g (rows, C*Dp), tile(g) gives that tile's (|.|^2 or undefined, quadratic form).
+template <typename TileNorms>
+std::tuple<at::Tensor, at::Tensor> gradient_norms(const at::Tensor& R_, const at::Tensor& Phi_,
+                                                  bool squares, TileNorms tile) {
   auto R = R_.contiguous();
   auto Phi = Phi_.contiguous();
-  auto Hinv = Hinv_.to(R.scalar_type());
-  auto sq_norm = at::empty({N}, R.options());
+  const int64_t N = R.size(0);
   auto quad = at::empty({N}, R.options());
-  const int64_t rows = rows_per_tile(2 * CDp);
+  auto sq_norm = squares ? at::empty({N}, R.options()) : at::Tensor();
+  const int64_t rows = rows_per_tile(2 * R.size(1) * Phi.size(1));
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
-    auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
-    auto y = at::mm(g, Hinv);
-    sq_norm.narrow(0, n0, n).copy_(squared_norms(y));
-    quad.narrow(0, n0, n).copy_(at::sum(y * g, 1, /*keepdim=*/false, at::kDouble));
+    auto [sq, q] = tile(outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n)));
+    quad.narrow(0, n0, n).copy_(q);
+    if (squares) sq_norm.narrow(0, n0, n).copy_(sq);
   }
   return {sq_norm, quad};
 }
 
-namespace {
-// Per tile of per-example gradients g (rows, C*Dp): z = L^-1 g, so g^T H^-1 g =
-// |z|^2, and with `squares` y = L^-T z = H^-1 g, so |H^-1 g|^2 = |y|^2. Two
-// triangular solves cost what one GEMM against an explicit inverse does, and
-// the inverse itself is never formed.
-std::tuple<at::Tensor, at::Tensor> triangular_norms(const char* op, const at::Tensor& R_,
-                                                    const at::Tensor& Phi_, const at::Tensor& L_,
+// Per tile: z = L^-1 g, so g^T H^-1 g = |z|^2, and with `squares` y = L^-T z =
+// H^-1 g, so |H^-1 g|^2 = |y|^2. Two triangular solves cost what one GEMM
+// against an explicit inverse does, and the inverse itself is never formed.
+std::tuple<at::Tensor, at::Tensor> triangular_norms(const char* op, const at::Tensor& R,
+                                                    const at::Tensor& Phi, const at::Tensor& L_,
                                                     bool squares) {
-  check_factored(op, R_, Phi_);
-  const int64_t N = R_.size(0), CDp = R_.size(1) * Phi_.size(1);
-  check_square(op, L_, "chol", CDp, "C*Dp", Phi_);
-  const at::OptionalDeviceGuard guard(at::device_of(Phi_));
-  auto R = R_.contiguous();
-  auto Phi = Phi_.contiguous();
+  check_factored(op, R, Phi);
+  check_square(op, L_, "chol", R.size(1) * Phi.size(1), "C*Dp", Phi);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi));
   auto L = L_.to(R.scalar_type()).contiguous();
   auto Lt = L.t().contiguous();
-  auto quad = at::empty({N}, R.options());
-  auto sq_norm = squares ? at::empty({N}, R.options()) : at::Tensor();
-  const int64_t rows = rows_per_tile(2 * CDp);
-  for (int64_t n0 = 0; n0 < N; n0 += rows) {
-    const int64_t n = std::min(rows, N - n0);
-    auto g = outer_rows(R.narrow(0, n0, n), Phi.narrow(0, n0, n));
+  return gradient_norms(R, Phi, squares, [&](const at::Tensor& g) {
     auto z = at::linalg_solve_triangular(Lt, g, /*upper=*/true, /*left=*/false);  // rows g^T L^-T
-    quad.narrow(0, n0, n).copy_(squared_norms(z));
-    if (squares) {
-      auto y = at::linalg_solve_triangular(L, z, /*upper=*/false, /*left=*/false);  // rows z^T L^-1
-      sq_norm.narrow(0, n0, n).copy_(squared_norms(y));
-    }
-  }
-  return {sq_norm, quad};
+    auto y = squares ? at::linalg_solve_triangular(L, z, /*upper=*/false, /*left=*/false)  // rows z^T L^-1
+                     : at::Tensor();
+    return std::make_tuple(squares ? squared_norms(y) : at::Tensor(), squared_norms(z));
+  });
 }
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dense_norms(const at::Tensor& R, const at::Tensor& Phi,
+                                               const at::Tensor& Hinv_) {
+  const char* op = "exemplar::dense_norms";
+  check_factored(op, R, Phi);
+  check_square(op, Hinv_, "Hinv", R.size(1) * Phi.size(1), "C*Dp", Phi);
+  const at::OptionalDeviceGuard guard(at::device_of(Phi));
+  auto Hinv = Hinv_.to(R.scalar_type());
+  return gradient_norms(R, Phi, /*squares=*/true, [&](const at::Tensor& g) {
+    auto y = at::mm(g, Hinv);
+    return std::make_tuple(squared_norms(y), at::sum(y * g, 1, /*keepdim=*/false, at::kDouble));
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> cholesky_norms(const at::Tensor& R, const at::Tensor& Phi,
                                                   const at::Tensor& L) {
