@@ -6,6 +6,9 @@
 #include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+#include <vector>
+
 #include "checks.h"
 #include "tiles.h"
 
@@ -232,6 +235,46 @@ at::Tensor cholesky_quad_norms(const at::Tensor& R, const at::Tensor& Phi, const
 }
 
 namespace {
+// The device-generic top-k (the default on CUDA): each (test block x train
+// tile) of scores is merged with the block's running best by two stable
+// sorts, by value with NaN as the worst number and then NaN after every
+// number. The running best holds only smaller training indices, in RankOrder,
+// and each tile is in index order, so stability leaves ties by ascending
+// index: the order csrc/order.h defines, from sorts any device has.
+std::tuple<at::Tensor, at::Tensor> merged_topk(TileScorer& scorer, const at::Tensor& R, int64_t k,
+                                               bool largest) {
+  const int64_t T = scorer.tests(), N = R.size(0);
+  const int64_t blocks = (T + kTestBlockRows - 1) / kTestBlockRows;
+  std::vector<at::Tensor> best_values(blocks), best_indices(blocks);
+  const double worst = largest ? -std::numeric_limits<double>::infinity()
+                               : std::numeric_limits<double>::infinity();
+  stream_tiles(scorer, N, R.options(),
+               [&](int64_t t0, int64_t tb, int64_t n0, int64_t nt, const at::Tensor& tile) {
+                 const int64_t b = t0 / kTestBlockRows;
+                 auto ids = at::arange(n0, n0 + nt, R.options().dtype(at::kLong)).expand({tb, nt});
+                 auto v = best_values[b].defined() ? at::cat({best_values[b], tile}, 1) : tile.clone();
+                 auto i = best_indices[b].defined() ? at::cat({best_indices[b], ids}, 1) : ids.contiguous();
+                 auto nan = at::isnan(v);
+                 auto by_value = std::get<1>(
+                     at::sort(v.masked_fill(nan, worst), std::optional<bool>(true), 1, largest));
+                 auto by_nan = std::get<1>(
+                     at::sort(nan.gather(1, by_value).to(at::kByte), std::optional<bool>(true), 1, false));
+                 auto order = by_value.gather(1, by_nan).narrow(1, 0, std::min<int64_t>(k, v.size(1)));
+                 best_values[b] = v.gather(1, order);
+                 best_indices[b] = i.gather(1, order);
+               });
+  auto values = at::empty({T, k}, R.options());
+  auto indices = at::empty({T, k}, R.options().dtype(at::kLong));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t t0 = b * kTestBlockRows, tb = std::min(kTestBlockRows, T - t0);
+    values.narrow(0, t0, tb).copy_(best_values[b]);
+    indices.narrow(0, t0, tb).copy_(best_indices[b]);
+  }
+  return {values, indices};
+}
+}  // namespace
+
+namespace {
 at::Tensor dense_from(TileScorer& scorer, const at::Tensor& R) {
   auto out = at::empty({scorer.tests(), R.size(0)}, R.options());
   stream_tiles(scorer, R.size(0), R.options(),
@@ -267,6 +310,12 @@ TORCH_LIBRARY_IMPL(exemplar, CompositeExplicitAutograd, m) {
   m.impl("cholesky_norms", &cholesky_norms);
   m.impl("cholesky_quad_norms", &cholesky_quad_norms);
   m.impl("scores", &scores);
+  // The streamed top-k serves every device but the CPU, which has its own
+  // kernel (csrc/cpu/topk.cpp); by its own name it runs anywhere.
+  m.impl("topk", &general_topk<merged_topk>);
+  m.impl("topk_rank1", &rank1_topk<merged_topk>);
+  m.impl("streamed_topk", &general_topk<merged_topk>);
+  m.impl("streamed_topk_rank1", &rank1_topk<merged_topk>);
   m.impl("scores_rank1", &scores_rank1);
 }
 

@@ -17,6 +17,12 @@ TORCH_LIBRARY(exemplar, m) {
   m.def("scores_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm) -> Tensor");
   m.def("topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
   m.def("topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  // The two implementations behind topk on CUDA, by name: the device-generic
+  // streamed one (the default there) and the fused CUDA kernel.
+  m.def("streamed_topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  m.def("streamed_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  m.def("fused_topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  m.def("fused_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
 }
 
 #ifdef EXEMPLAR_PYTHON_MODULE

@@ -6,8 +6,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <algorithm>
+
+#include "checks.h"
 
 namespace exemplar {
 
@@ -118,6 +121,28 @@ void stream_tiles(TileScorer& scorer, int64_t N, const at::TensorOptions& option
       consume(t0, tb, n0, nt, tile);
     }
   }
+}
+
+// The top-k ops on their two paths, for any selection
+// Select(TileScorer&, R, k, largest) -> (values (T, k), indices (T, k)).
+template <auto Select>
+std::tuple<at::Tensor, at::Tensor> general_topk(const at::Tensor& S, const at::Tensor& R,
+                                                const at::Tensor& Phi, const at::Tensor& inv_norm,
+                                                int64_t k, bool largest) {
+  check_topk(S, R, Phi, inv_norm, k);
+  const at::OptionalDeviceGuard guard(at::device_of(R));
+  GeneralScorer scorer(S, R, Phi, inv_norm);
+  return Select(scorer, R, k, largest);
+}
+
+template <auto Select>
+std::tuple<at::Tensor, at::Tensor> rank1_topk(const at::Tensor& alpha, const at::Tensor& beta,
+                                              const at::Tensor& R, const at::Tensor& Phi,
+                                              const at::Tensor& inv_norm, int64_t k, bool largest) {
+  check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
+  const at::OptionalDeviceGuard guard(at::device_of(R));
+  Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
+  return Select(scorer, R, k, largest);
 }
 
 }  // namespace exemplar

@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(params=["default", "streamed", "fused"])
+def kernel(request, device):
+    """The top-k implementations (exemplar.ops.TOPK_KERNELS); the fused one is CUDA's alone."""
+    if request.param == "fused" and device != "cuda":
+        pytest.skip("the fused top-k kernel is CUDA-only")
+    return request.param

@@ -110,6 +110,8 @@ def opcheck_cases(device="cpu"):
         (ex.topk, (S, R, Phi, inv, 3, True)),
         (ex.topk, (S, R, Phi, inv, 19, False)),
         (ex.topk_rank1, (a, b, R, Phi, inv, 2, True)),
+        (ex.streamed_topk, (S, R, Phi, inv, 3, True)),
+        (ex.streamed_topk_rank1, (a, b, R, Phi, inv, 19, False)),
     ]
 
 

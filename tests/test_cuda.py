@@ -1,5 +1,6 @@
 """What only CUDA has: the fused kernel's own edge shapes (64-row tiles, splits
-of the training set, C=1000) and agreement with the CPU on indices. Every op
+of the training set, C=1000), and both CUDA top-k paths (the streamed default
+and the fused kernel) agreeing with the CPU on indices. Every op
 test in the device grid (test_ops.py, test_methods.py) runs on CUDA as well.
 Skipped without a GPU and a CUDA build (conftest.py); `pytest -m cuda` on a GPU."""
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from exemplar import ops
 
-from helpers import PATHS, check_topk_near, general_operands, make_data
+from helpers import PATHS, check_topk_near, general_operands, make_data, rank1_operands
 
 pytestmark = pytest.mark.cuda
 CUDA = "cuda"
@@ -21,17 +22,21 @@ def rel(got, want):
     return float((got.double().cpu() - want).abs().max() / want.abs().max())
 
 
+KERNELS = ["streamed", "fused"]
+
+
+@pytest.mark.parametrize("cuda_kernel", KERNELS)
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("size", SIZES, ids=str)
 @pytest.mark.parametrize("path", list(PATHS))
-def test_topk_cuda(path, size, largest):
+def test_topk_cuda(path, size, largest, cuda_kernel):
     make, truth_of, _, topk_op, _ = PATHS[path]
     T, N, C, Dp = size
     args = make(T, N, C, Dp, dtype=torch.float32, seed=1)
     truth = truth_of(*args)
     cuda_args = [a.to(CUDA) for a in args]
     for k in sorted({1, min(10, N), min(1024, N), N} if N <= 5000 else {1, 10, 1024}):
-        values, indices = topk_op(*cuda_args, k, largest)
+        values, indices = topk_op(*cuda_args, k, largest, kernel=cuda_kernel)
         check_topk_near(values, indices, truth, k, largest)
         cpu_values, _ = topk_op(*args, k, largest)
         assert float((values.cpu() - cpu_values).abs().max() / truth.abs().max()) <= 1e-4
@@ -45,9 +50,10 @@ def test_dense_scores_cuda(size, dtype):
         assert rel(dense(*[a.to(CUDA) for a in args]), truth(*args)) <= 1e-4
 
 
-def test_topk_float64_cuda_matches_cpu_exactly_on_indices():
+@pytest.mark.parametrize("cuda_kernel", KERNELS)
+def test_topk_float64_cuda_matches_cpu_exactly_on_indices(cuda_kernel):
     args = general_operands(9, 777, 4, 11, dtype=torch.float64, seed=5)
-    v_gpu, i_gpu = ops.topk(*[a.to(CUDA) for a in args], 17, True)
+    v_gpu, i_gpu = ops.topk(*[a.to(CUDA) for a in args], 17, True, kernel=cuda_kernel)
     v_cpu, i_cpu = ops.topk(*args, 17, True)
     assert torch.allclose(v_gpu.cpu(), v_cpu, rtol=1e-12, atol=1e-12)
     assert torch.equal(i_gpu.cpu(), i_cpu)
@@ -65,9 +71,10 @@ def test_wrong_device_is_a_clear_error():
         ops.topk(S.to(CUDA), R.to(CUDA), Phi, inv.to(CUDA), 3)
 
 
+@pytest.mark.parametrize("cuda_kernel", KERNELS)
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("N", [5, 300, 5000])
-def test_topk_special_values_and_ties_match_cpu(N, largest):
+def test_topk_special_values_and_ties_match_cpu(N, largest, cuda_kernel):
     """RankOrder on the GPU: NaN last, +-inf as values, ties by ascending index,
     the same indices as the CPU for every k."""
     g = torch.Generator().manual_seed(N)
@@ -79,7 +86,7 @@ def test_topk_special_values_and_ties_match_cpu(N, largest):
     args = [one, one, torch.ones(N, 1, dtype=torch.float64), target.view(-1, 1), torch.ones(N, dtype=torch.float64)]
     for k in sorted({1, min(7, N), N // 2, N}):
         want = ops.topk_rank1(*args, k, largest)
-        got = ops.topk_rank1(*[a.to(CUDA) for a in args], k, largest)
+        got = ops.topk_rank1(*[a.to(CUDA) for a in args], k, largest, kernel=cuda_kernel)
         assert torch.equal(got[1].cpu(), want[1])
         torch.testing.assert_close(got[0].cpu(), want[0], equal_nan=True)
 
@@ -91,3 +98,11 @@ def test_residuals_bad_label_is_catchable_on_cuda():
     with pytest.raises(RuntimeError, match=r"exemplar::residuals: labels must be in \[0, C\) = \[0, 3\), got labels\[7\]=3"):
         ops.residuals(data.logits, labels)
     assert ops.residuals(data.logits, data.labels).shape == (20, 3)  # the CUDA context survived
+
+
+@pytest.mark.parametrize("rank1", [False, True])
+def test_opcheck_fused(rank1):
+    make = rank1_operands if rank1 else general_operands
+    args = [x.to(CUDA) for x in make(4, 19, 3, 5, seed=4)]
+    op = torch.ops.exemplar.fused_topk_rank1 if rank1 else torch.ops.exemplar.fused_topk
+    torch.library.opcheck(op, (*args, 3, True))

@@ -23,12 +23,13 @@ from helpers import make_data, policy_order
 NAN, INF = math.nan, math.inf
 
 
-def raw_topk(scores, k, largest=True, device="cpu"):
+def raw_topk(scores, k, largest=True, device="cpu", kernel="default"):
     """The rank-1 op with R = alpha = beta = inv_norm = 1, so the scores are
     `scores`; the result on the CPU."""
     s = torch.tensor(scores, dtype=torch.float64, device=device).view(-1, 1)
     one = torch.ones(1, 1, dtype=torch.float64, device=device)
-    values, indices = ops.topk_rank1(one, one, torch.ones_like(s), s, torch.ones_like(s[:, 0]), k, largest)
+    values, indices = ops.topk_rank1(one, one, torch.ones_like(s), s, torch.ones_like(s[:, 0]), k, largest,
+                                     kernel=kernel)
     return values.cpu(), indices.cpu()
 
 
@@ -44,20 +45,20 @@ def raw_topk(scores, k, largest=True, device="cpu"):
     ([NAN, INF, NAN, -INF], 4, True, [1, 3, 0, 2]),
     ([NAN, NAN, NAN], 2, True, [0, 1]),
 ])
-def test_topk_special_values_follow_the_policy(scores, k, largest, want, device):
-    values, indices = raw_topk(scores, k, largest, device)
+def test_topk_special_values_follow_the_policy(scores, k, largest, want, device, kernel):
+    values, indices = raw_topk(scores, k, largest, device, kernel)
     assert indices[0].tolist() == want == policy_order(scores, largest)[:k]
     torch.testing.assert_close(values[0], torch.tensor(scores, dtype=torch.float64)[want], equal_nan=True)
 
 
 @pytest.mark.parametrize("largest", [True, False])
-def test_topk_agrees_with_scores_on_special_values(largest, device):
+def test_topk_agrees_with_scores_on_special_values(largest, device, kernel):
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(300, generator=g, dtype=torch.float64)
     scores[torch.randperm(300, generator=g)[:40]] = NAN
     scores[torch.randperm(300, generator=g)[:20]] = INF
     scores[torch.randperm(300, generator=g)[:20]] = -INF
-    values, indices = raw_topk(scores.tolist(), 300, largest, device)
+    values, indices = raw_topk(scores.tolist(), 300, largest, device, kernel)
     assert indices[0].tolist() == policy_order(scores.tolist(), largest)
     one = torch.ones(1, 1, dtype=torch.float64)
     dense = ops.scores_rank1(one, one, torch.ones(300, 1, dtype=torch.float64), scores.view(-1, 1),
@@ -110,9 +111,9 @@ def test_features_whose_squares_overflow_are_refused(method):
 # ---------------------------------------------------------------- 2. ties
 
 
-def test_ties_by_ascending_index_raw(device):
-    assert raw_topk([0, 0, 1, 1], 3, device=device)[1].tolist() == [[2, 3, 0]]
-    assert raw_topk([0, 0, 1, 1], 3, largest=False, device=device)[1].tolist() == [[0, 1, 2]]
+def test_ties_by_ascending_index_raw(device, kernel):
+    assert raw_topk([0, 0, 1, 1], 3, device=device, kernel=kernel)[1].tolist() == [[2, 3, 0]]
+    assert raw_topk([0, 0, 1, 1], 3, largest=False, device=device, kernel=kernel)[1].tolist() == [[0, 1, 2]]
 
 
 def test_ties_by_ascending_index_through_the_api():
@@ -126,7 +127,7 @@ def test_ties_by_ascending_index_through_the_api():
 
 
 @pytest.mark.parametrize("path", ["general", "rank1"])
-def test_ties_across_tiles(path, device):
+def test_ties_across_tiles(path, device, kernel):
     """Integer scores with many ties over several train tiles: top-k(k) is a
     prefix of top-k(k + 1) and equals the policy's order."""
     g = torch.Generator().manual_seed(5)
@@ -139,10 +140,10 @@ def test_ties_across_tiles(path, device):
     if path == "general":
         S = torch.zeros(1, 2, 2, dtype=torch.float64)
         S[0, 0, 0] = 1  # score = R[i,0] * Phi[i,0]
-        run = lambda k: ops.topk(S.to(device), R, Phi, inv, k, True)  # noqa: E731
+        run = lambda k: ops.topk(S.to(device), R, Phi, inv, k, True, kernel=kernel)  # noqa: E731
     else:
         a = torch.tensor([[1.0, 0]], dtype=torch.float64, device=device)
-        run = lambda k: ops.topk_rank1(a, a, R, Phi, inv, k, True)  # noqa: E731
+        run = lambda k: ops.topk_rank1(a, a, R, Phi, inv, k, True, kernel=kernel)  # noqa: E731
     want = policy_order(target.tolist(), True)
     for k in (1, 7, 700, 701, N):
         assert run(k)[1][0].cpu().tolist() == want[:k]

@@ -103,26 +103,9 @@ std::tuple<at::Tensor, at::Tensor> run_topk(TileScorer& scorer, const at::Tensor
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& S, const at::Tensor& R,
-                                            const at::Tensor& Phi, const at::Tensor& inv_norm,
-                                            int64_t k, bool largest) {
-  check_topk(S, R, Phi, inv_norm, k);
-  GeneralScorer scorer(S, R, Phi, inv_norm);
-  return run_topk(scorer, R, k, largest);
-}
-
-std::tuple<at::Tensor, at::Tensor> topk_rank1_cpu(const at::Tensor& alpha, const at::Tensor& beta,
-                                                  const at::Tensor& R, const at::Tensor& Phi,
-                                                  const at::Tensor& inv_norm, int64_t k,
-                                                  bool largest) {
-  check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
-  Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
-  return run_topk(scorer, R, k, largest);
-}
-
 TORCH_LIBRARY_IMPL(exemplar, CPU, m) {
-  m.impl("topk", &topk_cpu);
-  m.impl("topk_rank1", &topk_rank1_cpu);
+  m.impl("topk", &general_topk<run_topk>);
+  m.impl("topk_rank1", &rank1_topk<run_topk>);
 }
 
 }  // namespace exemplar

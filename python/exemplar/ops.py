@@ -12,7 +12,15 @@ _ops = torch.ops.exemplar
 
 def cuda_compiled() -> bool:
     """True when this build of exemplar registered CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("exemplar::topk", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("exemplar::fused_topk", "CUDA")
+
+
+# kernel= of topk / topk_rank1: "default" is the CPU's streaming heap on the CPU
+# and the streamed composite (cuBLAS tiles, sorted merges) on CUDA; "streamed"
+# is that composite on any device; "fused" the fused CUDA kernel, not yet the
+# default because it has not been proven on a GPU. All return the same order.
+TOPK_KERNELS = {"default": ("topk", "topk_rank1"), "streamed": ("streamed_topk", "streamed_topk_rank1"),
+                "fused": ("fused_topk", "fused_topk_rank1")}
 
 
 def residuals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,30 +75,34 @@ def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
     return _ops.scores_rank1(alpha, beta, r, phi, inv_norm)
 
 
-def _check_topk_args(k, largest, r) -> None:
+def _topk_op(k, largest, r, kernel: str, rank1: bool):
     # Types only: the dispatcher takes a Python bool as an int and None as False.
     # The range of k is checked once, by the op itself (csrc/checks.h).
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k!r}")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be True or False, got {largest!r}")
+    if kernel not in TOPK_KERNELS:
+        raise ValueError(f"kernel must be one of {tuple(TOPK_KERNELS)}, got {kernel!r}")
+    if kernel == "fused" and not (r.is_cuda and cuda_compiled()):
+        raise ValueError(f"kernel='fused' is the CUDA kernel: it needs CUDA tensors and a CUDA build "
+                         f"(r is on {r.device}, CUDA kernels compiled: {cuda_compiled()})")
+    return getattr(_ops, TOPK_KERNELS[kernel][rank1])
 
 
-def topk(s, r, phi, inv_norm, k: int, largest: bool = True):
+def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default"):
     """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix:
     (values (T, k), indices (T, k) int64), best first. Order: the larger score
     first (smaller with largest=False), NaN after every number, ties by
     ascending training index; so topk(k) is a prefix of topk(k + 1) and, for
-    k <= N, every index is a real training row."""
-    _check_topk_args(k, largest, r)
-    return _ops.topk(s, r, phi, inv_norm, k, largest)
+    k <= N, every index is a real training row. kernel: see TOPK_KERNELS."""
+    return _topk_op(k, largest, r, kernel, rank1=False)(s, r, phi, inv_norm, k, largest)
 
 
-def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True):
+def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default"):
     """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64),
     in topk's order."""
-    _check_topk_args(k, largest, r)
-    return _ops.topk_rank1(alpha, beta, r, phi, inv_norm, k, largest)
+    return _topk_op(k, largest, r, kernel, rank1=True)(alpha, beta, r, phi, inv_norm, k, largest)
 
 
 # ------------------------------------------------------------------ fake kernels
@@ -153,11 +165,8 @@ def _fake_topk(rows, r, k):
     return r.new_empty(rows, k), r.new_empty(rows, k, dtype=torch.int64)
 
 
-@torch.library.register_fake("exemplar::topk")
-def _(s, r, phi, inv_norm, k, largest):
-    return _fake_topk(s.shape[0], r, k)
-
-
-@torch.library.register_fake("exemplar::topk_rank1")
-def _(alpha, beta, r, phi, inv_norm, k, largest):
-    return _fake_topk(alpha.shape[0], r, k)
+for _general, _rank1 in TOPK_KERNELS.values():
+    torch.library.register_fake(f"exemplar::{_general}")(
+        lambda s, r, phi, inv_norm, k, largest: _fake_topk(s.shape[0], r, k))
+    torch.library.register_fake(f"exemplar::{_rank1}")(
+        lambda alpha, beta, r, phi, inv_norm, k, largest: _fake_topk(alpha.shape[0], r, k))
