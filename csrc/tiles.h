@@ -15,14 +15,14 @@
 namespace exemplar {
 
 // Rows per step of every loop over the training set, for a per-row temporary
-// `width` elements wide: about eight million elements (32 MB in float32), so
+// `width` elements wide: about four million elements (16 MB in float32), so
 // no N-sized temporary exists while per-step costs (a GEMM's depth, the
 // float64 accumulation of a curvature block) amortise; at least 256 rows so
 // the GEMMs stay efficient, at most 4096. A fixed count for a given shape
 // keeps the dense and top-k scores bit-identical.
 constexpr int64_t kMaxTileRows = 4096;
 inline int64_t rows_per_tile(int64_t width) {
-  const int64_t budget = int64_t(1) << 23;
+  const int64_t budget = int64_t(1) << 22;
   return std::clamp<int64_t>(budget / std::max<int64_t>(width, 1), 256, kMaxTileRows);
 }
 constexpr int64_t kTestBlockRows = 1024;

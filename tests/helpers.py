@@ -56,7 +56,7 @@ def rank1_truth(a, b, R, Phi, inv):
     return (a @ R.T) * (b @ Phi.T) * inv
 
 
-# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 1635 rows,
+# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 817 rows,
 # C+Dp = 523 -> 4096 rows) and 1024-row test blocks, plus the degenerate N=1.
 GENERAL_SIZES = [(1, 1, 2, 1), (3, 1700, 10, 513), (1100, 70, 3, 5)]
 RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]

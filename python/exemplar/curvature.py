@@ -216,9 +216,11 @@ class ExactCholesky(Curvature):
         check_exact_fits(C, Dp, phi.shape[0], phi.device)
         cast_inverse(torch.tensor(1.0 / damping, dtype=torch.float64), phi.dtype, damping)  # its largest entry
         E = residual_basis(C, phi.device)
-        H = ops.exact_hessian(phi, logits).view(C, Dp, C, Dp)
-        reduced = torch.einsum("ca,cdke,kb->adbe", E, H, E).reshape((C - 1) * Dp, (C - 1) * Dp)
-        del H
+        # (E x I)^T H (E x I) as two thin products, the second batched over rows,
+        # so the result is laid out (a, d, b, e) with no permuted copy.
+        rows = E.T @ ops.exact_hessian(phi, logits).view(C, -1)  # (C-1, Dp*C*Dp)
+        reduced = torch.matmul(E.T, rows.view((C - 1) * Dp, C, Dp)).view((C - 1) * Dp, (C - 1) * Dp)
+        del rows
         reduced.diagonal().add_(damping)
         chol, info = torch.linalg.cholesky_ex(reduced)
         if int(info) != 0:  # H is PSD, so only rounding far beyond damping gets here
