@@ -12,7 +12,8 @@ import torch
 import exemplar
 from exemplar.linear import fit_softmax_regression
 
-CURVATURES = [("kfac", "eigenbasis"), ("kfac", "factored"), ("ekfac", "eigenbasis"), ("identity", "eigenbasis")]
+CURVATURES = [("kfac", "eigenbasis", None), ("kfac", "factored", None), ("ekfac", "eigenbasis", None),
+              ("ekfac", "eigenbasis", "auto"), ("identity", "eigenbasis", None)]
 METHODS = ("if", "theta_relatif", "l_relatif")
 K, DAMPING = 10, 1e-3
 
@@ -29,15 +30,15 @@ def digits():
     return exemplar.LastLayerData(X[:1200], logits[:1200], y[:1200]), exemplar.LastLayerData(X[1200:], logits[1200:])
 
 
-def overlaps() -> dict[tuple[str, str], dict[str, float]]:
-    """(curvature, kfac_damping) -> method -> mean top-10 overlap with exact."""
+def overlaps() -> dict[tuple[str, str, str | None], dict[str, float]]:
+    """(curvature, kfac_damping, rank) -> method -> mean top-10 overlap with exact."""
     train, test = digits()
     exact = exemplar.Attributor(train, curvature="exact", damping=DAMPING)
     want = {m: exact.topk(test, K, m)[1] for m in METHODS}
     out = {}
-    for curvature, kfac_damping in CURVATURES:
-        attr = exemplar.Attributor(train, curvature=curvature, damping=DAMPING, kfac_damping=kfac_damping)
-        out[curvature, kfac_damping] = {
+    for curvature, kfac_damping, rank in CURVATURES:
+        attr = exemplar.Attributor(train, curvature=curvature, damping=DAMPING, kfac_damping=kfac_damping, rank=rank)
+        out[curvature, kfac_damping, rank] = {
             m: sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(attr.topk(test, K, m)[1], want[m]))
             / want[m].numel() for m in METHODS}
     return out
@@ -46,8 +47,9 @@ def overlaps() -> dict[tuple[str, str], dict[str, float]]:
 def main() -> None:
     print("| curvature | " + " | ".join(METHODS) + " |")
     print("|---|" + "---|" * len(METHODS))
-    for (curvature, kfac_damping), row in overlaps().items():
+    for (curvature, kfac_damping, rank), row in overlaps().items():
         name = curvature + (f" ({kfac_damping} damping)" if curvature == "kfac" else "")
+        name += f", rank={rank!r}" if rank else ""
         print(f"| {name} | " + " | ".join(f"{row[m]:.2f}" for m in METHODS) + " |")
 
 

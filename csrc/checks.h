@@ -72,22 +72,29 @@ inline void check_general(const char* op, const at::Tensor& S, const at::Tensor&
   EXEMPLAR_CHECK_SIZE(op, S, 2, Phi.size(1), "(T, C, Dp)", "Dp from Phi");
 }
 
-// alpha (T, C), beta (T, Dp): the rank-1 factors S_t = alpha_t beta_t^T.
+// alpha (T, C), beta (T, Dp): the rank-1 factors S_t = alpha_t beta_t^T; or
+// alpha (T, m, C), beta (T, m, Dp): rank m, S_t = sum_j alpha_tj beta_tj^T.
 inline void check_rank1(const char* op, const at::Tensor& alpha, const at::Tensor& beta,
                         const at::Tensor& R, const at::Tensor& Phi,
                         const at::Tensor& inv_norm) {
   check_train(op, R, Phi, inv_norm);
-  EXEMPLAR_CHECK_DIM(op, alpha, 2, "(T, C)");
-  EXEMPLAR_CHECK_DIM(op, beta, 2, "(T, Dp)");
+  TORCH_CHECK(alpha.dim() == 2 || alpha.dim() == 3, op, ": alpha must be (T, C) or (T, m, C), got shape ",
+              alpha.sizes());
+  const bool rank_m = alpha.dim() == 3;
+  const char* alpha_shape = rank_m ? "(T, m, C)" : "(T, C)";
+  const char* beta_shape = rank_m ? "(T, m, Dp)" : "(T, Dp)";
+  EXEMPLAR_CHECK_DIM(op, beta, alpha.dim(), beta_shape);
   check_same(op, alpha, "alpha", R, "R");
   check_same(op, beta, "beta", R, "R");
-  EXEMPLAR_CHECK_SIZE(op, alpha, 1, R.size(1), "(T, C)", "C from R");
-  EXEMPLAR_CHECK_SIZE(op, beta, 1, Phi.size(1), "(T, Dp)", "Dp from Phi");
-  EXEMPLAR_CHECK_SIZE(op, beta, 0, alpha.size(0), "(T, Dp)", "T from alpha");
+  EXEMPLAR_CHECK_SIZE(op, alpha, alpha.dim() - 1, R.size(1), alpha_shape, "C from R");
+  EXEMPLAR_CHECK_SIZE(op, beta, beta.dim() - 1, Phi.size(1), beta_shape, "Dp from Phi");
+  EXEMPLAR_CHECK_SIZE(op, beta, 0, alpha.size(0), beta_shape, "T from alpha");
+  if (rank_m) {
+    EXEMPLAR_CHECK_SIZE(op, beta, 1, alpha.size(1), beta_shape, "m from alpha");
+    TORCH_CHECK(alpha.size(1) >= 1, op, ": alpha must have rank m >= 1, got shape ", alpha.sizes());
+  }
 }
 
-// The one range check of k; exemplar.ops checks only its Python type, which
-// the dispatcher cannot see (it takes True for 1).
 inline void check_k(const char* op, int64_t k, int64_t N) {
   TORCH_CHECK_VALUE(k >= 1 && k <= N, op, ": k must be an integer in [1, N] = [1, ", N,
                     "], got ", k);

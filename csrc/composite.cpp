@@ -297,7 +297,7 @@ at::Tensor scores_rank1(const at::Tensor& alpha, const at::Tensor& beta, const a
                         const at::Tensor& Phi, const at::Tensor& inv_norm) {
   check_rank1("exemplar::scores_rank1", alpha, beta, R, Phi, inv_norm);
   const at::OptionalDeviceGuard guard(at::device_of(R));
-  Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
+  LowRankScorer scorer(alpha, beta, R, Phi, inv_norm);
   return dense_from(scorer, R);
 }
 

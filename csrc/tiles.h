@@ -70,19 +70,27 @@ class GeneralScorer final : public TileScorer {
   at::Tensor grad_, tile_;
 };
 
-// score(t, i) = (alpha_t . R_i)(beta_t . Phi_i) * inv_norm_i: two thin GEMMs.
-class Rank1Scorer final : public TileScorer {
+// score(t, i) = sum_j (alpha_tj . R_i)(beta_tj . Phi_i) * inv_norm_i over the
+// m rank-1 terms of S_t (m = 1: the rank-1 path): two thin GEMMs of tb*m rows
+// per tile, their product summed over j. Tests go m at a time in sub-blocks of
+// kTestBlockRows / m, so the GEMM outputs never exceed one score buffer.
+class LowRankScorer final : public TileScorer {
  public:
-  // alpha (T, C), beta (T, Dp), R (N, C), Phi (N, Dp), inv_norm (N,)
-  Rank1Scorer(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
-              const at::Tensor& Phi, const at::Tensor& inv_norm)
-      : alpha_(alpha.contiguous()), beta_(beta.contiguous()), R_(R.contiguous()),
+  // alpha (T, C) or (T, m, C), beta likewise with Dp, R (N, C), Phi (N, Dp), inv_norm (N,)
+  LowRankScorer(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
+                const at::Tensor& Phi, const at::Tensor& inv_norm)
+      : m_(alpha.dim() == 3 ? alpha.size(1) : 1),
+        alpha_(alpha.reshape({-1, alpha.size(-1)}).contiguous()),
+        beta_(beta.reshape({-1, beta.size(-1)}).contiguous()), R_(R.contiguous()),
         Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
         rows_(rows_per_tile(R.size(1) + Phi.size(1))),
-        right_(at::empty({std::min(alpha.size(0), kTestBlockRows) * std::min(rows_, R.size(0))},
-                         R.options())) {}
+        sub_(std::max<int64_t>(1, kTestBlockRows / m_)) {
+    const int64_t cells = std::min(alpha.size(0) * m_, sub_ * m_) * std::min(rows_, R.size(0));
+    left_ = at::empty({cells}, R.options());
+    right_ = at::empty({cells}, R.options());
+  }
 
-  int64_t tests() const override { return alpha_.size(0); }
+  int64_t tests() const override { return alpha_.size(0) / m_; }
   int64_t tile_rows() const override { return rows_; }
 
   void load_train(int64_t n0, int64_t nt) override {
@@ -91,16 +99,27 @@ class Rank1Scorer final : public TileScorer {
   }
 
   void score(int64_t t0, int64_t tb, at::Tensor& out) override {
-    auto right = right_.narrow(0, 0, tb * out.size(1)).view({tb, out.size(1)});
-    at::mm_out(out, alpha_.narrow(0, t0, tb), R_tile_.t());
-    at::mm_out(right, beta_.narrow(0, t0, tb), Phi_tile_.t());
-    out.mul_(right);
+    const int64_t nt = out.size(1);
+    for (int64_t s0 = 0; s0 < tb; s0 += sub_) {
+      const int64_t sb = std::min(sub_, tb - s0), terms = sb * m_;
+      auto left = left_.narrow(0, 0, terms * nt).view({terms, nt});
+      auto right = right_.narrow(0, 0, terms * nt).view({terms, nt});
+      at::mm_out(left, alpha_.narrow(0, (t0 + s0) * m_, terms), R_tile_.t());
+      at::mm_out(right, beta_.narrow(0, (t0 + s0) * m_, terms), Phi_tile_.t());
+      auto rows = out.narrow(0, s0, sb);
+      if (m_ == 1) {
+        at::mul_out(rows, left, right);
+      } else {
+        at::sum_out(rows, left.mul_(right).view({sb, m_, nt}), 1);
+      }
+    }
   }
 
  private:
+  int64_t m_;
   at::Tensor alpha_, beta_, R_, Phi_, inv_norm_;
-  int64_t rows_;
-  at::Tensor right_, R_tile_, Phi_tile_;
+  int64_t rows_, sub_;
+  at::Tensor left_, right_, R_tile_, Phi_tile_;
 };
 
 // Calls consume(t0, tb, n0, nt, tile) for every score tile, train-tile-major so
@@ -141,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> rank1_topk(const at::Tensor& alpha, const at:
                                               const at::Tensor& inv_norm, int64_t k, bool largest) {
   check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
   const at::OptionalDeviceGuard guard(at::device_of(R));
-  Rank1Scorer scorer(alpha, beta, R, Phi, inv_norm);
+  LowRankScorer scorer(alpha, beta, R, Phi, inv_norm);
   return Select(scorer, R, k, largest);
 }
 

@@ -47,6 +47,16 @@ def rank1_operands(T, N, C, Dp, dtype=torch.float64, seed=0):
             *general_operands(T, N, C, Dp, dtype, seed)[1:])
 
 
+def rank_m_operands(T, N, C, Dp, dtype=torch.float64, seed=0, m=3):
+    return (randn(T, m, C, dtype=dtype, seed=seed), randn(T, m, Dp, dtype=dtype, seed=seed + 4),
+            *general_operands(T, N, C, Dp, dtype, seed)[1:])
+
+
+def rank_m_truth(a, b, R, Phi, inv):
+    a, b, R, Phi, inv = (x.double() for x in (a, b, R, Phi, inv))
+    return torch.einsum("tjc,ic,tjd,id->ti", a, R, b, Phi) * inv
+
+
 def general_truth(S, R, Phi, inv):
     return torch.einsum("tcd,ic,id->ti", S.double(), R.double(), Phi.double()) * inv.double()
 
@@ -63,9 +73,12 @@ RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]
 
 
 # path -> (operands, float64 truth, dense op, top-k op, sizes)
+# A rank-m test side goes through the rank-1 ops with alpha (T, m, C).
+RANK_M_SIZES = [(1, 1, 2, 1), (7, 4500, 10, 513), (1100, 33, 2, 3)]
 PATHS = {
     "general": (general_operands, general_truth, ops.scores, ops.topk, GENERAL_SIZES),
     "rank1": (rank1_operands, rank1_truth, ops.scores_rank1, ops.topk_rank1, RANK1_SIZES),
+    "rank_m": (rank_m_operands, rank_m_truth, ops.scores_rank1, ops.topk_rank1, RANK_M_SIZES),
 }
 PATH_SIZES = [(path, size) for path, spec in PATHS.items() for size in spec[4]]
 
@@ -94,6 +107,7 @@ def opcheck_cases(device="cpu"):
     w = (randn(3, 5, seed=3).abs() + 0.1).to(device)
     S, R, Phi, inv = (x.to(device) for x in general_operands(4, 19, 3, 5, seed=4))
     a, b = (x.to(device) for x in rank1_operands(4, 19, 3, 5, seed=4)[:2])
+    a3, b3 = (x.to(device) for x in rank_m_operands(4, 19, 3, 5, seed=4)[:2])
     hinv = torch.eye(15, device=device, **f64)
     ex = torch.ops.exemplar
     return [
@@ -112,6 +126,8 @@ def opcheck_cases(device="cpu"):
         (ex.topk_rank1, (a, b, R, Phi, inv, 2, True)),
         (ex.streamed_topk, (S, R, Phi, inv, 3, True)),
         (ex.streamed_topk_rank1, (a, b, R, Phi, inv, 19, False)),
+        (ex.scores_rank1, (a3, b3, R, Phi, inv)),
+        (ex.topk_rank1, (a3, b3, R, Phi, inv, 4, True)),
     ]
 
 

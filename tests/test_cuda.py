@@ -30,6 +30,8 @@ KERNELS = ["streamed", "fused"]
 @pytest.mark.parametrize("size", SIZES, ids=str)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_topk_cuda(path, size, largest, cuda_kernel):
+    if path == "rank_m" and cuda_kernel == "fused":
+        pytest.skip("the fused kernel is rank 1")
     make, truth_of, _, topk_op, _ = PATHS[path]
     T, N, C, Dp = size
     args = make(T, N, C, Dp, dtype=torch.float32, seed=1)

@@ -66,3 +66,65 @@ def test_a_head_too_large_is_refused_with_its_cost_and_the_alternative(monkeypat
                                           r"at N = 30; use curvature='ekfac'"):
         exemplar.Attributor(train, curvature="exact")
     assert curv.exact_cost(10, 1501, 30)["bytes"] < 8e9 < curv.exact_cost(10, 1601, 30)["bytes"]
+
+
+# ---------------------------------------------------------------- low rank
+
+
+def test_low_rank_at_full_rank_is_the_eigenbasis():
+    train, test = make_data(80, 5, 7, seed=6), make_data(6, 5, 7, seed=7, labels=False)
+    full = exemplar.Attributor(train, curvature="ekfac", damping=0.05)
+    low = exemplar.Attributor(train, curvature="ekfac", damping=0.05, rank=5)
+    assert isinstance(low.curvature, curv.LowRankEigenbasis)
+    for method in ("if", "theta_relatif", "l_relatif"):
+        torch.testing.assert_close(low.scores(test, method), full.scores(test, method), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(low.self_influence(method), full.self_influence(method), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("rank", [1, 2, "auto"])
+def test_low_rank_scores_are_the_general_path_on_its_truncated_weights(rank):
+    """Rank m through the rank-1 ops = the general path with W_m = u^T v: values
+    and top-k (the approximation is only W -> W_m, never the scoring)."""
+    train, test = make_data(90, 6, 8, seed=8), make_data(5, 6, 8, seed=9, labels=False)
+    low = exemplar.Attributor(train, curvature="kfac", damping=0.05, rank=rank)
+    c = low.curvature
+    general = curv.Eigenbasis(c.qg, c.qa, c.u.T @ c.v)
+    r, phi = exemplar.methods.test_residuals(low, test)
+    S = general.precondition(r, phi).S
+    train_side = low.prepare("if")
+    want = exemplar.ops.scores(S, train_side.r, train_side.phi, train_side.inv_norm)
+    torch.testing.assert_close(low.scores(test, "if"), want, rtol=1e-10, atol=1e-12)
+    values, indices = low.topk(test, 7, "if")
+    assert torch.equal(indices, torch.topk(want, 7, dim=1).indices)
+    torch.testing.assert_close(values, want.gather(1, indices), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(low.total_scores(test, "if"), want.sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_rank_auto_is_the_smallest_rank_within_the_tolerance():
+    train = make_data(120, 8, 10, seed=10)
+    w = exemplar.Attributor(train, curvature="ekfac", damping=0.01).curvature.w
+    m = exemplar.Attributor(train, curvature="ekfac", damping=0.01, rank="auto").curvature.u.shape[0]
+    S = torch.linalg.svdvals(w)
+    tail = lambda j: float(S[j:].square().sum().sqrt())  # noqa: E731  |W - W_j|_F
+    assert tail(m) <= curv.LOW_RANK_TOL * float(S.square().sum().sqrt()) < tail(m - 1)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(curvature="exact", rank=2), "rank applies to curvature='kfac' or 'ekfac'"),
+    (dict(curvature="kfac", kfac_damping="factored", rank=2), "kfac_damping='eigenbasis'"),
+    (dict(curvature="kfac", rank=0), r"rank must be None, 'auto' or an integer >= 1, got 0"),
+    (dict(curvature="kfac", rank="yes"), r"rank must be None, 'auto' or an integer >= 1, got 'yes'"),
+])
+def test_rank_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        exemplar.Attributor(make_data(20, 3, 4, seed=1), **settings)
+
+
+def test_low_rank_state_round_trip_and_a_mismatched_factor():
+    train, test = make_data(60, 4, 5, seed=11), make_data(3, 4, 5, seed=12, labels=False)
+    attr = exemplar.Attributor(train, curvature="ekfac", rank=2)
+    tensors, config = attr.state_dict()
+    assert torch.equal(exemplar.Attributor.from_state(tensors, config).scores(test), attr.scores(test))
+    tensors["curvature.v"] = tensors["curvature.v"][:1]
+    with pytest.raises(ValueError, match=r"curvature.v must have shape \(2, 6\)"):
+        exemplar.Attributor.from_state(tensors, config)

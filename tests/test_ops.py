@@ -41,6 +41,8 @@ def check_topk(dense, values, indices, k, largest):
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("path,size", PATH_SIZES, ids=str)
 def test_topk_matches_dense(path, size, largest, device, kernel):
+    if path == "rank_m" and kernel == "fused":
+        pytest.skip("the fused kernel is rank 1")
     make, truth_of, dense_op, topk_op, _ = PATHS[path]
     N = size[1]
     args = make(*size, dtype=torch.float32, seed=3)

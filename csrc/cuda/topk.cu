@@ -396,6 +396,8 @@ std::tuple<at::Tensor, at::Tensor> topk_rank1_cuda(const at::Tensor& alpha, cons
                                                    const at::Tensor& inv_norm, int64_t k,
                                                    bool largest) {
   check_topk_rank1(alpha, beta, R, Phi, inv_norm, k);
+  TORCH_CHECK(alpha.dim() == 2, "exemplar::fused_topk_rank1: the fused kernel takes rank 1, alpha (T, C); "
+              "got shape ", alpha.sizes(), " (use exemplar::topk_rank1 for rank m)");
   return fused_topk<true>(alpha, beta, R, Phi, inv_norm, k, largest);
 }
 

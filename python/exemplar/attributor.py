@@ -28,12 +28,19 @@ def _check_number(name, value, low, strict):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
-def _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, prefix=""):
+def _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, rank=None, prefix=""):
     """The Attributor's settings, checked the same way when given and when loaded."""
     if curvature not in CURVATURES:
         raise ValueError(f"{prefix}curvature must be one of {CURVATURES}, got {curvature!r}")
     if kfac_damping not in KFAC_DAMPINGS:
         raise ValueError(f"{prefix}kfac_damping must be one of {KFAC_DAMPINGS}, got {kfac_damping!r}")
+    if rank is not None:
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"{prefix}rank must be None, 'auto' or an integer >= 1, got {rank!r}")
+        if curvature not in ("kfac", "ekfac") or kfac_damping != "eigenbasis":
+            raise ValueError(f"{prefix}rank applies to curvature='kfac' or 'ekfac' with "
+                             f"kfac_damping='eigenbasis', got curvature={curvature!r}, "
+                             f"kfac_damping={kfac_damping!r}")
     _check_number(f"{prefix}damping", damping, 0, strict=False)
     _check_number(f"{prefix}rps_lambda", rps_lambda, 0, strict=True)
     _check_number(f"{prefix}lje_step", lje_step, 0, strict=False)
@@ -76,28 +83,31 @@ class Attributor:
     the layer's bias vector (C,) itself. weight: the layer's weight (C, D);
     RPS-LJE needs it (and the bias vector when there is a bias), RPS-l2 starts
     its refit from it. kfac_damping: "eigenbasis" adds lambda to the K-FAC
-    eigenvalues; "factored" damps each factor (rank-1 fast path).
+    eigenvalues; "factored" damps each factor (rank-1 fast path). rank (kfac
+    or ekfac, eigenbasis damping): truncate the damped inverse eigenvalues to
+    rank m, so a score costs 2 m (C + Dp) flops instead of 2 C Dp; "auto"
+    takes the smallest m within curvature.LOW_RANK_TOL (relative Frobenius).
     rps_lambda: RPS-l2's l2 strength. lje_step: RPS-LJE's ascent step gamma."""
 
     def __init__(self, train: LastLayerData, curvature: str = "kfac", damping: float = 1e-3,
                  bias: bool | torch.Tensor = True, kfac_damping: str = "eigenbasis",
                  weight: torch.Tensor | None = None, rps_lambda: float = 1e-3,
-                 lje_step: float = 1e-3):
+                 lje_step: float = 1e-3, rank: int | str | None = None):
         if not isinstance(train, LastLayerData):
             raise TypeError(f"train must be a LastLayerData, got {type(train).__name__}")
         if len(train) == 0:
             raise ValueError("train is empty: the training set needs at least one example (N >= 1)")
         if train.labels is None:
             raise ValueError("train.labels is None: training examples need their labels")
-        _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step)
+        _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, rank)
         if train.features.shape[1] == 0 and not (isinstance(bias, torch.Tensor) or bias):
             raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
         _check_magnitude("features", train.features)
         config = dict(curvature=curvature, damping=float(damping), kfac_damping=kfac_damping,
                       rps_lambda=float(rps_lambda), lje_step=float(lje_step),
-                      bias=bool(isinstance(bias, torch.Tensor) or bias))
+                      bias=bool(isinstance(bias, torch.Tensor) or bias), rank=rank)
         self._setup(train, config, self._theta_from_layer(train, weight, bias))
-        self.curvature = curv.build(curvature, self.damping, kfac_damping, self.phi, train.logits)
+        self.curvature = curv.build(curvature, self.damping, kfac_damping, self.phi, train.logits, rank)
 
     def _setup(self, train, config, theta):
         self.train = train
@@ -172,7 +182,7 @@ class Attributor:
         (N, C) of the same features, fitted once and saved under `key`."""
         if key not in self._curvatures:
             self._curvatures[key] = curv.build(self.curvature_name, self.damping, self.config["kfac_damping"],
-                                               self.phi, logits)
+                                               self.phi, logits, self.config.get("rank"))
         return self._curvatures[key]
 
     def curvature_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,14 +313,14 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
         if key not in config:
             raise ValueError(f"missing key '{prefix}{key}'")
     curvature_keys = ("curvature",) + extra_curvatures
-    unknown = set(config) - set(_CONFIG_KEYS) - {f"{name}_kind" for name in extra_curvatures}
+    unknown = set(config) - set(_CONFIG_KEYS) - {"rank"} - {f"{name}_kind" for name in extra_curvatures}
     if unknown:
         raise ValueError(f"unknown key '{prefix}{sorted(unknown)[0]}'")
     _check_config(config["curvature"], config["damping"], config["kfac_damping"], config["rps_lambda"],
-                  config["lje_step"], prefix)
+                  config["lje_step"], config.get("rank"), prefix)
     if not isinstance(config["bias"], bool):
         raise ValueError(f"{prefix}bias must be true or false, got {config['bias']!r}")
-    kinds = curv.kinds_of(config["curvature"], config["kfac_damping"], config["damping"])
+    kinds = curv.kinds_of(config["curvature"], config["kfac_damping"], config["damping"], config.get("rank"))
     for key in (f"{name}_kind" for name in curvature_keys):
         if key in config and config[key] not in kinds:
             raise ValueError(f"{prefix}{key} is {config[key]!r} but curvature={config['curvature']!r}, "
@@ -329,8 +339,14 @@ def _validate_state(tensors: dict[str, torch.Tensor], config: dict, prefix: str 
     expected = {"theta": ((C, Dp), torch.float64)}
     for group in curvature_keys:
         if f"{group}_kind" in config:
-            for name, spec in curv.KINDS[config[f"{group}_kind"]].shapes(C, Dp).items():
-                expected[f"{group}.{name}"] = _shape_and_dtype(spec, train.features.dtype)
+            shapes = curv.KINDS[config[f"{group}_kind"]].shapes(C, Dp)
+            # A low-rank curvature's rank m is whatever its first factor holds (>= 1).
+            free = next((f"{group}.{name}" for name, spec in shapes.items() if "m" in spec), None)
+            held = tensors.get(free) if free else None
+            m = held.shape[0] if isinstance(held, torch.Tensor) and held.dim() > 0 and held.shape[0] >= 1 else 1
+            for name, spec in shapes.items():
+                dims, dtype = _shape_and_dtype(spec, train.features.dtype)
+                expected[f"{group}.{name}"] = (tuple(m if d == "m" else d for d in dims), dtype)
     for name, spec in specs.items():
         dims, dtype = _shape_and_dtype(spec, train.features.dtype)
         expected["cache." + name] = (tuple(sizes[d] for d in dims), dtype)

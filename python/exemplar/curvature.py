@@ -21,6 +21,9 @@ RCOND = 1e-10
 # Curvatures whose largest eigenvalue is below this fraction of the scale of
 # the terms summed into them are rounding noise (float64 eps is ~1e-16).
 PSEUDO_INVERSE_FLOOR = 1e-12
+# rank="auto": the smallest m with |W - W_m|_F <= LOW_RANK_TOL |W|_F, W the
+# damped inverse eigenvalues in the K-FAC / EK-FAC eigenbasis.
+LOW_RANK_TOL = 1e-3
 # Bytes of float64 (C*Dp)^2 matrices exact curvature holds at its peak: H, its
 # eigenvectors, their weighted copy and the inverse.
 EXACT_MATRICES = 4
@@ -40,9 +43,16 @@ class Rank1:
     beta: torch.Tensor  # (T, Dp)
 
 
+@dataclass
+class LowRank(Rank1):
+    """S_t = sum_j alpha_tj beta_tj^T: the rank-1 ops take these as they are."""
+    alpha: torch.Tensor  # (T, m, C)
+    beta: torch.Tensor  # (T, m, Dp)
+
+
 def scaled(gradient: General | Rank1, factor: float) -> General | Rank1:
     if isinstance(gradient, Rank1):
-        return Rank1(gradient.alpha * factor, gradient.beta)
+        return type(gradient)(gradient.alpha * factor, gradient.beta)
     return General(gradient.S * factor)
 
 
@@ -275,6 +285,42 @@ class Eigenbasis(Curvature):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.w)
 
 
+class LowRankEigenbasis(Curvature):
+    """Eigenbasis with its weight grid W (C, Dp) truncated to rank m, W_m =
+    u^T v = sum_j sigma_j u_j v_j^T: every S_t is then m rank-1 terms,
+    Q_G((Q_G^T r_t) * u_j)((Q_A^T phi_t) * v_j)^T Q_A^T, so a score costs
+    2 m (C + Dp) flops instead of 2 C Dp. The normalisers use the same W_m."""
+
+    def __init__(self, qg, qa, u, v):
+        self.qg, self.qa, self.u, self.v = qg, qa, u, v  # (C, C), (Dp, Dp), (m, C), (m, Dp)
+
+    @classmethod
+    def fit(cls, qg, qa, w, rank, dtype):
+        """w (C, Dp) float64; rank: m, or "auto" for the smallest m with
+        |W - W_m|_F <= LOW_RANK_TOL |W|_F."""
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        if rank == "auto":
+            tail = S.flip(0).square().cumsum(0).flip(0)  # tail[m] = |W - W_m|_F^2
+            within = (tail <= (LOW_RANK_TOL * float(S.square().sum().sqrt())) ** 2).nonzero()
+            m = int(within[0]) if len(within) else len(S)
+        else:
+            m = min(rank, len(S))
+        # contiguous as saved state is, so a loaded Attributor scores bit for bit the same
+        return cls(*(x.to(dtype).contiguous() for x in (qg, qa, (U[:, :m] * S[:m]).T, Vh[:m])))
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"qg": (C, C), "qa": (Dp, Dp), "u": ("m", C), "v": ("m", Dp)}
+
+    def precondition(self, r, phi):
+        a = (r @ self.qg).unsqueeze(1) * self.u  # (T, m, C)
+        b = (phi @ self.qa).unsqueeze(1) * self.v  # (T, m, Dp)
+        return LowRank(a @ self.qg.T, b @ self.qa.T)
+
+    def norms(self, R, Phi):
+        return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.u.T @ self.v)
+
+
 class Factored(Curvature):
     """K-FAC with factored damping: (G + pi sqrt(l) I)^-1 x (A + sqrt(l)/pi I)^-1,
     a Kronecker product, so every S_t is rank 1."""
@@ -328,7 +374,7 @@ class Identity(Curvature):
         return (sq * scale**2).to(R.dtype), (sq * scale).to(R.dtype)
 
 
-KINDS = {cls.__name__: cls for cls in (Exact, ExactCholesky, Eigenbasis, Factored, Identity)}
+KINDS = {cls.__name__: cls for cls in (Exact, ExactCholesky, Eigenbasis, LowRankEigenbasis, Factored, Identity)}
 
 
 def state(curvature) -> tuple[str, dict[str, torch.Tensor]]:
@@ -342,10 +388,12 @@ def from_state(kind: str, tensors: dict[str, torch.Tensor]):
     return KINDS[kind](**tensors)
 
 
-def kinds_of(curvature: str, kfac_damping: str, damping: float) -> tuple[str, ...]:
+def kinds_of(curvature: str, kfac_damping: str, damping: float, rank=None) -> tuple[str, ...]:
     """The class names a curvature with these settings may be stored as (the
     first is what `build` returns; exact curvature saved as an explicit inverse
     stays loadable at any damping)."""
+    if rank is not None:
+        return ("LowRankEigenbasis",)
     if curvature == "kfac":
         return ("Factored",) if kfac_damping == "factored" else ("Eigenbasis",)
     if curvature == "exact":
@@ -353,7 +401,7 @@ def kinds_of(curvature: str, kfac_damping: str, damping: float) -> tuple[str, ..
     return {"ekfac": ("Eigenbasis",), "identity": ("Identity",)}[curvature]
 
 
-def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
+def build(curvature: str, damping: float, kfac_damping: str, phi, logits, rank=None):
     if curvature == "identity":
         return Identity.fit(damping, phi)
     if curvature == "exact":
@@ -367,4 +415,6 @@ def build(curvature: str, damping: float, kfac_damping: str, phi, logits):
         return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
     w = without_null_direction(inverse_damped(eig, damping), qg)
     dtype = phi.dtype
+    if rank is not None:
+        return LowRankEigenbasis.fit(qg, qa, cast_inverse(w, dtype, damping).double(), rank, dtype)
     return Eigenbasis(qg.to(dtype), qa.to(dtype), cast_inverse(w, dtype, damping))

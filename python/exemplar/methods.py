@@ -65,7 +65,10 @@ class Query:
         """(N,): sum over tests of score(t, i) in one pass; the score is linear in
         S_t, so the test side is summed first."""
         g = self.gradient
-        S = g.alpha.T @ g.beta if isinstance(g, curv.Rank1) else g.S.sum(0)
+        if isinstance(g, curv.Rank1):
+            S = torch.einsum("t...c,t...d->cd", g.alpha, g.beta)  # rank 1 or m alike
+        else:
+            S = g.S.sum(0)
         out = ops.scores(S.unsqueeze(0).contiguous(), train.r, train.phi, train.inv_norm)[0]
         return out if self.offset is None else out + self.offset.sum()
 
