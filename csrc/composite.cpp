@@ -289,8 +289,7 @@ at::Tensor scores(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Ph
                   const at::Tensor& inv_norm) {
   check_general("exemplar::scores", S, R, Phi, inv_norm);
   const at::OptionalDeviceGuard guard(at::device_of(R));
-  GeneralScorer scorer(S, R, Phi, inv_norm);
-  return dense_from(scorer, R);
+  return with_general_scorer(S, R, Phi, inv_norm, [&](TileScorer& scorer) { return dense_from(scorer, R); });
 }
 
 at::Tensor scores_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,

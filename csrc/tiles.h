@@ -74,39 +74,53 @@ class GeneralScorer final : public TileScorer {
 // m rank-1 terms of S_t (m = 1: the rank-1 path): two thin GEMMs of tb*m rows
 // per tile, their product summed over j. Tests go m at a time in sub-blocks of
 // kTestBlockRows / m, so the GEMM outputs never exceed one score buffer.
+// The general path is the case alpha_tc = e_c, beta_tc = S_t[c] (m = C): then
+// the first GEMM is R_i itself, so score(t, i) = sum_c R_ic (S_t[c] . Phi_i)
+// costs one GEMM with K = Dp and no per-example gradient tile is built.
 class LowRankScorer final : public TileScorer {
  public:
-  // alpha (T, C) or (T, m, C), beta likewise with Dp, R (N, C), Phi (N, Dp), inv_norm (N,)
+  // General path: S (T, C, Dp), R (N, C), Phi (N, Dp), inv_norm (N,).
+  LowRankScorer(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
+                const at::Tensor& inv_norm)
+      : LowRankScorer(at::Tensor(), S, R, Phi, inv_norm) {}
+
+  // alpha (T, C) or (T, m, C), beta likewise with Dp, R (N, C), Phi (N, Dp), inv_norm (N,);
+  // an undefined alpha means the general path above.
   LowRankScorer(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
                 const at::Tensor& Phi, const at::Tensor& inv_norm)
-      : m_(alpha.dim() == 3 ? alpha.size(1) : 1),
-        alpha_(alpha.reshape({-1, alpha.size(-1)}).contiguous()),
+      : m_(beta.dim() == 3 ? beta.size(1) : 1),
+        alpha_(alpha.defined() ? alpha.reshape({-1, alpha.size(-1)}).contiguous() : alpha),
         beta_(beta.reshape({-1, beta.size(-1)}).contiguous()), R_(R.contiguous()),
         Phi_(Phi.contiguous()), inv_norm_(inv_norm.contiguous()),
         rows_(rows_per_tile(R.size(1) + Phi.size(1))),
         sub_(std::max<int64_t>(1, kTestBlockRows / m_)) {
-    const int64_t cells = std::min(alpha.size(0) * m_, sub_ * m_) * std::min(rows_, R.size(0));
-    left_ = at::empty({cells}, R.options());
+    const int64_t cells = std::min(beta.size(0) * m_, sub_ * m_) * std::min(rows_, R.size(0));
+    if (alpha_.defined()) left_ = at::empty({cells}, R.options());
     right_ = at::empty({cells}, R.options());
   }
 
-  int64_t tests() const override { return alpha_.size(0) / m_; }
+  int64_t tests() const override { return beta_.size(0) / m_; }
   int64_t tile_rows() const override { return rows_; }
 
   void load_train(int64_t n0, int64_t nt) override {
     R_tile_ = R_.narrow(0, n0, nt) * inv_norm_.narrow(0, n0, nt).unsqueeze(1);
     Phi_tile_ = Phi_.narrow(0, n0, nt);
+    if (!alpha_.defined()) R_cols_ = R_tile_.t().contiguous();  // (C, nt): the general path's left side
   }
 
   void score(int64_t t0, int64_t tb, at::Tensor& out) override {
     const int64_t nt = out.size(1);
     for (int64_t s0 = 0; s0 < tb; s0 += sub_) {
       const int64_t sb = std::min(sub_, tb - s0), terms = sb * m_;
-      auto left = left_.narrow(0, 0, terms * nt).view({terms, nt});
       auto right = right_.narrow(0, 0, terms * nt).view({terms, nt});
-      at::mm_out(left, alpha_.narrow(0, (t0 + s0) * m_, terms), R_tile_.t());
       at::mm_out(right, beta_.narrow(0, (t0 + s0) * m_, terms), Phi_tile_.t());
       auto rows = out.narrow(0, s0, sb);
+      if (!alpha_.defined()) {
+        at::sum_out(rows, right.view({sb, m_, nt}).mul_(R_cols_), 1);
+        continue;
+      }
+      auto left = left_.narrow(0, 0, terms * nt).view({terms, nt});
+      at::mm_out(left, alpha_.narrow(0, (t0 + s0) * m_, terms), R_tile_.t());
       if (m_ == 1) {
         at::mul_out(rows, left, right);
       } else {
@@ -119,7 +133,7 @@ class LowRankScorer final : public TileScorer {
   int64_t m_;
   at::Tensor alpha_, beta_, R_, Phi_, inv_norm_;
   int64_t rows_, sub_;
-  at::Tensor left_, right_, R_tile_, Phi_tile_;
+  at::Tensor left_, right_, R_tile_, Phi_tile_, R_cols_;
 };
 
 // Calls consume(t0, tb, n0, nt, tile) for every score tile, train-tile-major so
@@ -144,14 +158,32 @@ void stream_tiles(TileScorer& scorer, int64_t N, const at::TensorOptions& option
 
 // The top-k ops on their two paths, for any selection
 // Select(TileScorer&, R, k, largest) -> (values (T, k), indices (T, k)).
+// The general path's two scorers, chosen by the memory traffic each costs:
+// the explicit gradient tile writes N*C*Dp values once and reads them once per
+// block of kTestBlockRows tests; the Phi GEMM writes, scales and sums T*C*N
+// products. Few tests against a wide head (large C*Dp, small T) favour the
+// second: at C = 1000, D = 2048, T = 20 it is 2.6x faster; at C = 10, D = 512,
+// T = 1000 the gradient tile is 14 % faster (bench/RESULTS.md).
+template <typename Use>
+auto with_general_scorer(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
+                         const at::Tensor& inv_norm, Use&& use) {
+  const int64_t T = S.size(0), Dp = S.size(2);
+  if (3 * T < Dp * (1 + (T + kTestBlockRows - 1) / kTestBlockRows)) {
+    LowRankScorer scorer(S, R, Phi, inv_norm);
+    return use(static_cast<TileScorer&>(scorer));
+  }
+  GeneralScorer scorer(S, R, Phi, inv_norm);
+  return use(static_cast<TileScorer&>(scorer));
+}
+
 template <auto Select>
 std::tuple<at::Tensor, at::Tensor> general_topk(const at::Tensor& S, const at::Tensor& R,
                                                 const at::Tensor& Phi, const at::Tensor& inv_norm,
                                                 int64_t k, bool largest) {
   check_topk(S, R, Phi, inv_norm, k);
   const at::OptionalDeviceGuard guard(at::device_of(R));
-  GeneralScorer scorer(S, R, Phi, inv_norm);
-  return Select(scorer, R, k, largest);
+  return with_general_scorer(S, R, Phi, inv_norm,
+                             [&](TileScorer& scorer) { return Select(scorer, R, k, largest); });
 }
 
 template <auto Select>

@@ -66,9 +66,11 @@ def rank1_truth(a, b, R, Phi, inv):
     return (a @ R.T) * (b @ Phi.T) * inv
 
 
-# Sizes that cross the CPU's train tiles (csrc/tiles.h: C*Dp = 5130 -> 817 rows,
-# C+Dp = 523 -> 4096 rows) and 1024-row test blocks, plus the degenerate N=1.
-GENERAL_SIZES = [(1, 1, 2, 1), (3, 1700, 10, 513), (1100, 70, 3, 5)]
+# Sizes that cross the CPU's train tiles and 1024-row test blocks, plus the
+# degenerate N=1, on both general-path scorers (csrc/tiles.h): the gradient
+# tile (C*Dp = 5130 -> 817 rows; many tests on a narrow head, 4096 rows) and
+# the Phi GEMM for few tests on a wide head (C+Dp = 523 -> 4096 rows).
+GENERAL_SIZES = [(1, 1, 2, 1), (3, 1700, 10, 513), (2, 4500, 10, 513), (1100, 70, 3, 5), (1100, 4200, 2, 3)]
 RANK1_SIZES = [(1, 1, 2, 1), (5, 4500, 10, 513), (1030, 33, 2, 3)]
 
 
