@@ -128,3 +128,22 @@ def test_low_rank_state_round_trip_and_a_mismatched_factor():
     tensors["curvature.v"] = tensors["curvature.v"][:1]
     with pytest.raises(ValueError, match=r"curvature.v must have shape \(2, 6\)"):
         exemplar.Attributor.from_state(tensors, config)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rank_auto_keeps_the_general_paths_top10(seed):
+    """The default tolerance keeps >= 0.99 of the full eigenbasis' top-10 (ReLU
+    features through a random 10-class head; bench/large_head.py measures
+    0.995 at C = 1000, D = 2048)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.relu(torch.randn(3050, 64, generator=g, dtype=torch.float64))
+    logits = features @ (torch.randn(10, 64, generator=g, dtype=torch.float64) / 8).T
+    train = exemplar.LastLayerData(features[:3000], logits[:3000], logits[:3000].argmax(1))
+    test = exemplar.LastLayerData(features[3000:], logits[3000:])
+    full = exemplar.Attributor(train, curvature="ekfac", damping=1e-3)
+    low = exemplar.Attributor(train, curvature="ekfac", damping=1e-3, rank="auto")
+    assert low.curvature.u.shape[0] < 10
+    for method in ("if", "theta_relatif"):
+        want, got = full.topk(test, 10, method)[1], low.topk(test, 10, method)[1]
+        kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got)) / want.numel()
+        assert kept >= 0.99, (method, kept)
