@@ -15,6 +15,17 @@ def want_cuda() -> bool:
     return torch_has_cuda() and cpp_extension.CUDA_HOME is not None
 
 
+# Ampere, Ada, Hopper, plus PTX for anything newer. With a GPU visible and the
+# variable unset, torch builds for the visible GPUs instead.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def visible_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def torch_has_cuda() -> bool:
     import torch
 
@@ -26,7 +37,11 @@ def extension():
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     macros = [("EXEMPLAR_PYTHON_MODULE", None)]
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not visible_gpu():
+            # No GPU to build for (a build machine, CI): a documented list, with PTX
+            # so newer GPUs JIT-compile instead of failing with "no kernel image".
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"exemplar: no GPU visible; building CUDA for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
