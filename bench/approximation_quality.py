@@ -11,6 +11,7 @@ import torch
 
 import exemplar
 from exemplar.linear import fit_softmax_regression
+from workloads import topk_overlap
 
 CURVATURES = [("kfac", "eigenbasis", None), ("kfac", "factored", None), ("ekfac", "eigenbasis", None),
               ("ekfac", "eigenbasis", "auto"), ("identity", "eigenbasis", None)]
@@ -38,9 +39,7 @@ def overlaps() -> dict[tuple[str, str, str | None], dict[str, float]]:
     out = {}
     for curvature, kfac_damping, rank in CURVATURES:
         attr = exemplar.Attributor(train, curvature=curvature, damping=DAMPING, kfac_damping=kfac_damping, rank=rank)
-        out[curvature, kfac_damping, rank] = {
-            m: sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(attr.topk(test, K, m)[1], want[m]))
-            / want[m].numel() for m in METHODS}
+        out[curvature, kfac_damping, rank] = {m: topk_overlap(attr.topk(test, K, m)[1], want[m]) for m in METHODS}
     return out
 
 

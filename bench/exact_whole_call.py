@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import baselines  # noqa: E402
+from workloads import topk_overlap  # noqa: E402
 
 import exemplar  # noqa: E402
 
@@ -77,7 +78,7 @@ def main(argv=None) -> list[dict]:
                 times["ours"].append(t)
                 t, (v_closed, i_closed) = timed(closed_form, train, test, method)
                 times["closed"].append(t)
-            overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(i_ours, i_closed)) / (T * K)
+            overlap = topk_overlap(i_ours, i_closed)
             diff = float((v_ours - v_closed).abs().max() / v_closed.abs().max())
             med = {key: statistics.median(v) for key, v in times.items()}
             rows.append(dict(D=D, N=N, method=method, ours=med["ours"], closed=med["closed"],

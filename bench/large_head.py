@@ -15,6 +15,7 @@ import torch
 
 import exemplar
 from exemplar import curvature as curv
+from workloads import topk_overlap
 
 K = 10
 
@@ -56,7 +57,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {N:,} | {T} | {D} | {C} | general | {C} | {fit:.2f} | {query:.2f} | 1.00x | 1.000 |", flush=True)
         for rank in ("auto", 8, 32):
             fit_m, query_m, got, m = run(train, test, rank)
-            overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want)) / want.numel()
+            overlap = topk_overlap(got, want)
             rows.append(dict(N=N, C=C, rank=rank, m=m, overlap=overlap, speedup=query / query_m))
             print(f"| {N:,} | {T} | {D} | {C} | rank={rank!r} | {m} | {fit_m:.2f} | {query_m:.2f} | "
                   f"{query / query_m:.2f}x | {overlap:.3f} |", flush=True)

@@ -23,3 +23,9 @@ def theta_relatif_operands(N, T, D, C, kfac_damping, device="cpu", dtype=torch.f
     if isinstance(g, exemplar.Rank1):
         return "rank1", (g.alpha, g.beta, *train_side)
     return "general", (g.S, *train_side)
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a, b (T, k) training indices, distinct per row -> the fraction of a's
+    entries that b's row also holds."""
+    return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum()) / a.numel()

@@ -156,14 +156,12 @@ void stream_tiles(TileScorer& scorer, int64_t N, const at::TensorOptions& option
   }
 }
 
-// The top-k ops on their two paths, for any selection
-// Select(TileScorer&, R, k, largest) -> (values (T, k), indices (T, k)).
 // The general path's two scorers, chosen by the memory traffic each costs:
 // the explicit gradient tile writes N*C*Dp values once and reads them once per
 // block of kTestBlockRows tests; the Phi GEMM writes, scales and sums T*C*N
 // products. Few tests against a wide head (large C*Dp, small T) favour the
-// second: at C = 1000, D = 2048, T = 20 it is 2.6x faster; at C = 10, D = 512,
-// T = 1000 the gradient tile is 14 % faster (bench/RESULTS.md).
+// second: at C = 1000, D = 2048, T = 20 it is 2.5x faster; at C = 10, D = 512,
+// T = 1000 the gradient tile is 7 % faster (bench/RESULTS.md).
 template <typename Use>
 auto with_general_scorer(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
                          const at::Tensor& inv_norm, Use&& use) {
@@ -176,6 +174,8 @@ auto with_general_scorer(const at::Tensor& S, const at::Tensor& R, const at::Ten
   return use(static_cast<TileScorer&>(scorer));
 }
 
+// The top-k ops on their two paths, for any selection
+// Select(TileScorer&, R, k, largest) -> (values (T, k), indices (T, k)).
 template <auto Select>
 std::tuple<at::Tensor, at::Tensor> general_topk(const at::Tensor& S, const at::Tensor& R,
                                                 const at::Tensor& Phi, const at::Tensor& inv_norm,

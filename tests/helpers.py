@@ -140,3 +140,9 @@ def policy_order(scores, largest):
         v = scores[i]
         return (math.isnan(v), 0.0 if math.isnan(v) else (-v if largest else v), i)
     return sorted(range(len(scores)), key=key)
+
+
+def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a, b (T, k) training indices, distinct per row -> the fraction of a's
+    entries that b's row also holds."""
+    return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum()) / a.numel()

@@ -24,8 +24,9 @@ PSEUDO_INVERSE_FLOOR = 1e-12
 # rank="auto": the smallest m with |W - W_m|_F <= LOW_RANK_TOL |W|_F, W the
 # damped inverse eigenvalues in the K-FAC / EK-FAC eigenbasis.
 LOW_RANK_TOL = 1e-3
-# Bytes of float64 (C*Dp)^2 matrices exact curvature holds at its peak: H, its
-# eigenvectors, their weighted copy and the inverse.
+# Float64 (C*Dp)^2 matrices exact curvature may hold at its peak: H, its
+# eigenvectors, their weighted copy and the inverse (damping = 0); the
+# Cholesky path's H, its reduced copy and factor, and the inverse fit within.
 EXACT_MATRICES = 4
 # Sustained GEMM/factorisation rate behind exact_cost's time estimates: about
 # what 2 cores of the development machine give (bench/RESULTS.md measures it).
@@ -133,11 +134,13 @@ def available_bytes(device: torch.device) -> int:
 
 
 def exact_cost(C: int, Dp: int, N: int) -> dict[str, float]:
-    """Estimated peak bytes and seconds of exact curvature for C classes, Dp
-    feature columns and N training examples: `fit_s` assembles H (C(C+1)/2
-    Gram blocks, N Dp^2 C(C+1) flops) and factorises it ((C Dp)^3 / 3),
-    `norms_s` adds the RelatIF normalisers (the inverse, 2/3 (C Dp)^3, and one
-    (N, C Dp) x (C Dp, C Dp) product). Seconds assume EXACT_GFLOPS."""
+    """Upper bounds on the peak bytes and seconds of exact curvature for C
+    classes, Dp feature columns and N training examples. The flops are counted
+    as for all C(C+1)/2 Gram blocks (N Dp^2 C(C+1); exact_hessian computes
+    C(C-1)/2 of them) and a factor of side C Dp ((C Dp)^3 / 3; the Cholesky
+    path's side is (C-1) Dp) in `fit_s`; `norms_s` adds the RelatIF
+    normalisers (an inverse, 2/3 (C Dp)^3, and one (N, C Dp) x (C Dp, C Dp)
+    product). Seconds assume EXACT_GFLOPS."""
     n = C * Dp
     fit = N * Dp**2 * C * (C + 1) + n**3 / 3
     norms = 2 * n**3 / 3 + 2 * N * n**2
@@ -415,6 +418,7 @@ def build(curvature: str, damping: float, kfac_damping: str, phi, logits, rank=N
         return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
     w = without_null_direction(inverse_damped(eig, damping), qg)
     dtype = phi.dtype
+    w_cast = cast_inverse(w, dtype, damping)
     if rank is not None:
-        return LowRankEigenbasis.fit(qg, qa, cast_inverse(w, dtype, damping).double(), rank, dtype)
-    return Eigenbasis(qg.to(dtype), qa.to(dtype), cast_inverse(w, dtype, damping))
+        return LowRankEigenbasis.fit(qg, qa, w, rank, dtype)
+    return Eigenbasis(qg.to(dtype), qa.to(dtype), w_cast)

@@ -20,6 +20,13 @@ def _check_float_matrix(name: str, x, shape: str) -> None:
         raise ValueError(f"{name} must be finite, found {x[tuple(bad)].item()} at {name}{bad}")
 
 
+def check_labels_in_range(labels: torch.Tensor, C: int, bound: str = "C") -> None:
+    """labels (N,) integer in [0, C); the error names the first one outside."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
+        i = int(torch.nonzero((labels < 0) | (labels >= C))[0])
+        raise ValueError(f"labels must be in [0, {bound}) = [0, {C}), got labels[{i}]={int(labels[i])}")
+
+
 def integer_labels(labels, where: str = "") -> torch.Tensor:
     """labels (an int, a sequence or a tensor of class indices) as int64; floats
     and bools are refused rather than truncated."""
@@ -68,10 +75,7 @@ class LastLayerData:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.device != self.features.device:
             raise ValueError(f"labels is on {labels.device} but features is on {self.features.device}")
-        C = self.logits.shape[1]
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= C):
-            i = int(torch.nonzero((labels < 0) | (labels >= C))[0])
-            raise ValueError(f"labels must be in [0, C) = [0, {C}), got labels[{i}]={int(labels[i])}")
+        check_labels_in_range(labels, self.logits.shape[1])
         object.__setattr__(self, "labels", labels.long())
 
     def __len__(self) -> int:

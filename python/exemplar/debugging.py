@@ -11,7 +11,7 @@ import torch
 
 from . import methods
 from .attributor import Attributor
-from .data import LastLayerData
+from .data import LastLayerData, check_labels_in_range
 from .progress import Progress
 
 DEBUG_METHODS = ("if", "rps_l2", "rps_lje", "random")
@@ -36,10 +36,7 @@ def flip_labels(labels: torch.Tensor, num_classes: int, fraction: float, seed: i
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"labels must be in [0, num_classes) = [0, {num_classes}), got labels[{i}]={int(labels[i])}")
+    check_labels_in_range(labels, num_classes, bound="num_classes")
     g = torch.Generator().manual_seed(seed)
     N = labels.shape[0]
     picked = torch.randperm(N, generator=g)[:round(fraction * N)]

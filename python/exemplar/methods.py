@@ -35,9 +35,11 @@ class TrainOperands:
 
 @dataclass(frozen=True)
 class Query:
-    """The test side of the score ops: `gradient` is curvature.General(S (T, C', Dp'))
-    or curvature.Rank1(alpha (T, C'), beta (T, Dp')), S_t = alpha_t beta_t^T;
-    `offset` (T,) or None is added to every score of test t."""
+    """The test side of the score ops: `gradient` is curvature.General(S (T, C', Dp')),
+    curvature.Rank1(alpha (T, C'), beta (T, Dp')) with S_t = alpha_t beta_t^T, or
+    curvature.LowRank(alpha (T, m, C'), beta (T, m, Dp')) with S_t = sum_j
+    alpha_tj beta_tj^T (the rank-1 ops take both); `offset` (T,) or None is added
+    to every score of test t."""
     gradient: curv.General | curv.Rank1
     offset: torch.Tensor | None = None
 
