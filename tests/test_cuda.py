@@ -108,3 +108,11 @@ def test_opcheck_fused(rank1):
     args = [x.to(CUDA) for x in make(4, 19, 3, 5, seed=4)]
     op = torch.ops.exemplar.fused_topk_rank1 if rank1 else torch.ops.exemplar.fused_topk
     torch.library.opcheck(op, (*args, 3, True))
+
+
+def test_fused_kernel_refuses_rank_m():
+    from helpers import rank_m_operands
+
+    args = [x.to(CUDA) for x in rank_m_operands(3, 40, 3, 5, dtype=torch.float32, seed=2)]
+    with pytest.raises(RuntimeError, match=r"exemplar::fused_topk_rank1: the fused kernel takes rank 1"):
+        ops.topk_rank1(*args, 3, True, kernel="fused")

@@ -142,3 +142,39 @@ def test_wrong_shapes_and_classes(train):
     four = make_data(5, 4, 4, seed=5)
     with pytest.raises(ValueError, match=r"test.logits must have C=3 classes"):
         attr.scores(four)
+
+
+def test_cholesky_norm_ops_check_their_factor():
+    R, Phi = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    for op, name in ((ops.cholesky_norms, "cholesky_norms"), (ops.cholesky_quad_norms, "cholesky_quad_norms")):
+        with pytest.raises(RuntimeError, match=rf"exemplar::{name}: chol must be \(C\*Dp, C\*Dp\) = \(12, 12\), "
+                                               r"got shape \[11, 12\]"):
+            op(R, Phi, torch.eye(12, dtype=torch.float64)[:11])
+        with pytest.raises(RuntimeError, match=rf"exemplar::{name}: chol must be float32 or float64, got Long"):
+            op(R, Phi, torch.eye(12, dtype=torch.long))
+        with pytest.raises(RuntimeError, match=rf"exemplar::{name}: Phi must be \(N, Dp\) with N from R=6"):
+            op(R, Phi[:5], torch.eye(12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kernel", ["default", "streamed"])
+def test_top_k_kernels_check_k_alike(kernel):
+    S, R = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    Phi, inv = torch.randn(20, 5, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"exemplar::topk: k must be an integer in \[1, N\] = \[1, 20\], got 21"):
+        ops.topk(S, R, Phi, inv, 21, kernel=kernel)
+    with pytest.raises(ValueError, match=r"kernel must be one of \('default', 'streamed', 'fused'\), got 'heap'"):
+        ops.topk(S, R, Phi, inv, 3, kernel="heap")
+    with pytest.raises(ValueError, match=r"kernel='fused' is the CUDA kernel: it needs CUDA tensors"):
+        ops.topk(S, R, Phi, inv, 3, kernel="fused")
+
+
+def test_rank_m_factors_must_agree():
+    R, Phi, inv = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64), torch.ones(9, dtype=torch.float64)
+    alpha = torch.randn(2, 5, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"exemplar::topk_rank1: beta must be \(T, m, Dp\) with m from alpha=5, "
+                                           r"got shape \[2, 4, 4\]"):
+        ops.topk_rank1(alpha, torch.randn(2, 4, 4, dtype=torch.float64), R, Phi, inv, 3)
+    with pytest.raises(RuntimeError, match=r"exemplar::scores_rank1: beta must be \(T, m, Dp\), a 3-d tensor"):
+        ops.scores_rank1(alpha, torch.randn(2, 4, dtype=torch.float64), R, Phi, inv)
+    with pytest.raises(RuntimeError, match=r"alpha must be \(T, C\) or \(T, m, C\), got shape \[2\]"):
+        ops.scores_rank1(alpha[:, 0, 0], torch.randn(2, 4, dtype=torch.float64), R, Phi, inv)
