@@ -33,9 +33,10 @@ def torch_has_cuda() -> bool:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/io/*.cpp")
+                     + glob.glob("csrc/python/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    macros = [("EXEMPLAR_PYTHON_MODULE", None)]
+    macros = [("TORCH_EXTENSION_NAME", "_C")]
     if want_cuda():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not visible_gpu():
             # No GPU to build for (a build machine, CI): a documented list, with PTX
@@ -50,6 +51,7 @@ def extension():
             define_macros=macros + [("EXEMPLAR_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
+            libraries=["z"],
         )
     return cpp_extension.CppExtension(
         "exemplar._C",
@@ -57,6 +59,7 @@ def extension():
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
+        libraries=["z"],
     )
 
 

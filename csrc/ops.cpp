@@ -1,7 +1,7 @@
 // The one library of schemas. Each implementation registers itself beside its
 // code: csrc/composite.cpp once for every device (CompositeExplicitAutograd),
 // csrc/cpu/ for CPU, csrc/cuda/ for CUDA; the fake kernels for torch.compile
-// live in python/exemplar/ops.py.
+// live in python/exemplar/ops.py, the Python module in csrc/python/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(exemplar, m) {
@@ -24,14 +24,3 @@ TORCH_LIBRARY(exemplar, m) {
   m.def("fused_topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
   m.def("fused_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
 }
-
-#ifdef EXEMPLAR_PYTHON_MODULE
-// The Python package imports exemplar._C only to load the registrations above;
-// the ops themselves are reached through torch.ops.exemplar.
-#include <Python.h>
-
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif

@@ -27,7 +27,7 @@ def test_cholesky_path_agrees_with_the_eigendecomposition(dtype, device):
     assert isinstance(attr.curvature, curv.ExactCholesky)
     # The same Attributor with the explicit inverse, as files saved before the Cholesky path hold it.
     tensors, config = attr.state_dict()
-    H = exemplar.ops.exact_hessian(attr.phi.double(), train.logits.double()).cpu()
+    H = exemplar.ops.exact_hessian(attr.prepare("if").phi.double(), train.logits.double()).cpu()
     eye = torch.eye(H.shape[0], dtype=torch.float64)
     hinv = curv.project_out_null(torch.linalg.inv(H + 0.02 * eye), 4, 7).to(dtype).to(device)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(("curvature.", "cache."))}

@@ -42,7 +42,7 @@ def test_label_out_of_range(train, label):
 @pytest.mark.parametrize("k", [0, -2, 21])
 def test_k_out_of_range(train, test_data, k):
     attr = exemplar.Attributor(train)
-    with pytest.raises(ValueError, match=rf"exemplar::topk: k must be an integer in \[1, N\] = \[1, 20\], got {k}"):
+    with pytest.raises(ValueError, match=rf"k must be an integer in \[1, N\] = \[1, 20\], got {k}"):
         attr.topk(test_data, k)
 
 
@@ -78,7 +78,8 @@ def test_feature_dim_mismatch(train):
         attr.scores(other)
     S = torch.randn(2, 3, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"exemplar::topk: S must be \(T, C, Dp\) with Dp from Phi=5"):
-        ops.topk(S, attr.r, attr.phi, torch.ones(20, dtype=torch.float64), 3)
+        operands = attr.prepare("if")
+        ops.topk(S, operands.r, operands.phi, torch.ones(20, dtype=torch.float64), 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])

@@ -23,18 +23,18 @@ class FeatureDot(exemplar.Method):
     family = "representer"
     saved = {"feature_inv_norm": ("N",)}
 
-    def inv_norm(self, attr):
-        return attr.cached("feature_inv_norm", lambda: 1 / torch.linalg.vector_norm(attr.phi, dim=1))
+    def inv_norm(self, attr, rows):
+        return attr.per_example("feature_inv_norm", rows, lambda r: 1 / torch.linalg.vector_norm(r.phi, dim=1))
 
-    def prepare(self, attr):
-        return exemplar.TrainOperands(torch.ones_like(attr.phi[:, :1]), attr.phi, self.inv_norm(attr))
+    def operands(self, attr, rows):
+        return exemplar.TrainOperands(torch.ones_like(rows.phi[:, :1]), rows.phi, self.inv_norm(attr, rows))
 
     def query(self, attr, test):
         phi = attr.augment(test.features)
         return exemplar.Query(exemplar.Rank1(torch.ones_like(phi[:, :1]), phi))
 
-    def self_influence(self, attr):
-        return attr.phi.square().sum(1) * self.inv_norm(attr)
+    def self_influence(self, attr, rows):
+        return rows.phi.square().sum(1) * self.inv_norm(attr, rows)
 
 
 def feature_dot_reference(train, test):

@@ -43,7 +43,7 @@ def test_rps_l2_decomposes_the_refit_logits(bias):
         train = exemplar.LastLayerData(train.features, train.features @ weight.T, train.labels)
     attr = exemplar.Attributor(train, weight=weight, bias=b if bias else False, rps_lambda=1e-3)
     scores = attr.scores(test, "rps_l2")
-    theta = exemplar.methods.get("rps_l2").refit(attr)[0]
+    theta = exemplar.methods.get("rps_l2").refit(attr)
     phi_t = ref.augment(test.features, bias)
     refit = (phi_t @ theta.T).gather(1, test.labels.view(-1, 1)).view(-1)
     assert rel_err(scores.sum(1), refit) <= 1e-4

@@ -6,15 +6,23 @@ method)` return the operands of the score ops, for libraries that drive the
 kernels themselves."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
+import os
+import sys
 
 import torch
 
 from . import curvature as curv
 from . import methods, ops
+from .blocks import Block, MemoryColumns, TensorBlocks, block_rows, merge_topk
 from .data import LastLayerData
+from .distributed import ProcessGroup
+from .jobs import ResultFolder, tensor_checksum
 from .methods import Query, TrainOperands
+from .progress import Progress
 
 METHODS = methods.names()
 INFLUENCE_METHODS = methods.names("influence")
@@ -60,7 +68,7 @@ def _check_magnitude(name: str, features: torch.Tensor) -> None:
 
 
 # Tensors the Attributor caches for every method, as methods.Method.saved.
-_SHARED_SAVED = {"ones": ("N",), "norm_sq": ("N",), "norm_quad": ("N",), "grad_sq": ("N",)}
+_SHARED_SAVED = {"norm_sq": ("N",), "norm_quad": ("N",), "grad_sq": ("N",)}
 
 
 def _saved_specs() -> tuple[dict[str, tuple], tuple[str, ...]]:
@@ -73,68 +81,173 @@ def _saved_specs() -> tuple[dict[str, tuple], tuple[str, ...]]:
     return specs, curvatures
 
 
+class Rows:
+    """One block of training rows as methods see it: the stored features,
+    logits and labels, and phi and r computed from them on first use."""
+
+    def __init__(self, attr: "Attributor", block: Block, buffer: torch.Tensor | None):
+        self._attr, self._buffer = attr, buffer
+        self.index, self.start = block.index, block.start  # index None: the whole training set
+        self.features, self.logits, self.labels = block.features, block.logits, block.labels
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @functools.cached_property
+    def phi(self) -> torch.Tensor:
+        """(b, Dp): the features with the bias column, in a buffer reused by the next block."""
+        return self._attr.augment(self.features, self._buffer)
+
+    @functools.cached_property
+    def r(self) -> torch.Tensor:
+        """(b, C): softmax(logits) - onehot(labels)."""
+        return ops.residuals(self.logits, self.labels)
+
+
+class _Means(curv.Statistics):
+    """Means over every training row of fn(phi, logits), block by block and
+    across ranks; logits_of(rows) replaces the stored logits (RPS-LJE's Theta*)."""
+
+    def __init__(self, attr: "Attributor", label: str, logits_of=None):
+        self.attr, self.label, self.logits_of = attr, label, logits_of
+        self.N, self.C, self.Dp = attr.num_train, attr.num_classes, attr.num_features + attr.bias
+        self.dtype, self.device = attr.dtype, attr.device
+
+    def mean(self, fn):
+        return self.mean_rows(lambda rows: fn(rows.phi, rows.logits if self.logits_of is None
+                                              else self.logits_of(rows)))
+
+    def mean_rows(self, fn):
+        """As mean, with fn(rows: Rows) giving the block's means."""
+        total = None
+        for rows in self.attr._rows(self.attr._own_blocks(), self.label):
+            part = tuple(x.double() * len(rows) for x in fn(rows))
+            total = part if total is None else tuple(a.add_(b) for a, b in zip(total, part))
+        return tuple(x / self.N for x in self.attr._group.all_sum(total))
+
+
 class Attributor:
     """Explains test predictions by training examples.
 
-    train: LastLayerData with labels. curvature: "exact" | "kfac" | "ekfac" |
+    train: LastLayerData with labels, or an exemplar.Store (or its path) on
+    disk, streamed shard by shard. curvature: "exact" | "kfac" | "ekfac" |
     "identity". damping: lambda >= 0 added to the curvature (for "exact" and
     weight decay lambda this is the Hessian of the regularised objective).
-    bias: True when the layer has a bias (a constant-1 feature is appended), or
-    the layer's bias vector (C,) itself. weight: the layer's weight (C, D);
+    bias: True when the layer has a bias (a constant-1 feature is appended to
+    each block as it is scored, never to the whole training set), or the
+    layer's bias vector (C,) itself. weight: the layer's weight (C, D);
     RPS-LJE needs it (and the bias vector when there is a bias), RPS-l2 starts
     its refit from it. kfac_damping: "eigenbasis" adds lambda to the K-FAC
     eigenvalues; "factored" damps each factor (rank-1 fast path). rank (kfac
     or ekfac, eigenbasis damping): truncate the damped inverse eigenvalues to
     rank m, so a score costs 2 m (C + Dp) flops instead of 2 C Dp; "auto"
     takes the smallest m within curvature.LOW_RANK_TOL (relative Frobenius).
-    rps_lambda: RPS-l2's l2 strength. lje_step: RPS-LJE's ascent step gamma."""
+    rps_lambda: RPS-l2's l2 strength. lje_step: RPS-LJE's ascent step gamma.
+    distributed: run on every rank of the default torch.distributed process
+    group: each rank reads its own blocks (shards), statistics are
+    all-reduced and top-k merged, so every rank gets the whole answer.
+    progress: a progress line on stderr for passes over the training set
+    (None: only when stderr is a terminal)."""
 
-    def __init__(self, train: LastLayerData, curvature: str = "kfac", damping: float = 1e-3,
+    def __init__(self, train, curvature: str = "kfac", damping: float = 1e-3,
                  bias: bool | torch.Tensor = True, kfac_damping: str = "eigenbasis",
                  weight: torch.Tensor | None = None, rps_lambda: float = 1e-3,
-                 lje_step: float = 1e-3, rank: int | str | None = None):
-        if not isinstance(train, LastLayerData):
-            raise TypeError(f"train must be a LastLayerData, got {type(train).__name__}")
+                 lje_step: float = 1e-3, rank: int | str | None = None, distributed: bool = False,
+                 progress: bool | None = None):
+        from .store import Store
+        if isinstance(train, (str, os.PathLike)):
+            train = Store(train)
+        if not isinstance(train, (LastLayerData, Store)):
+            raise TypeError(f"train must be a LastLayerData or an exemplar.Store, got {type(train).__name__}")
         if len(train) == 0:
             raise ValueError("train is empty: the training set needs at least one example (N >= 1)")
         if train.labels is None:
             raise ValueError("train.labels is None: training examples need their labels")
         _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, rank)
-        if train.features.shape[1] == 0 and not (isinstance(bias, torch.Tensor) or bias):
+        if train.num_features == 0 and not (isinstance(bias, torch.Tensor) or bias):
             raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
-        _check_magnitude("features", train.features)
+        if isinstance(train, LastLayerData):
+            _check_magnitude("features", train.features)
+        else:
+            train.check_magnitude(torch.finfo(train.dtype).max / 16)
         config = dict(curvature=curvature, damping=float(damping), kfac_damping=kfac_damping,
                       rps_lambda=float(rps_lambda), lje_step=float(lje_step),
                       bias=bool(isinstance(bias, torch.Tensor) or bias), rank=rank)
-        self._setup(train, config, self._theta_from_layer(train, weight, bias))
-        self.curvature = curv.build(curvature, self.damping, kfac_damping, self.phi, train.logits, rank)
+        self._setup(train, config, None, distributed, progress)
+        self.theta = self._theta_from_layer(weight, bias)
+        if isinstance(train, Store):
+            self._columns = train.columns(self._fit_tag(config, self.theta), self._group.rank == 0)
+        fitted = self._columns.load_fitted()
+        if fitted is not None:
+            self._restore_fitted(*fitted)
+        else:
+            self.curvature = curv.build(curvature, self.damping, kfac_damping, _Means(self, "curvature"), rank)
+            self._save_fitted()
 
-    def _setup(self, train, config, theta):
+    def _setup(self, train, config, theta, distributed=False, progress=None):
+        from .store import Store
         self.train = train
         self.config = config
         self.bias = config["bias"]
         self.curvature_name = config["curvature"]
         self.damping = config["damping"]
         self.theta = theta  # (C, Dp) float64 or None: the trained layer [W | b]
-        self.phi = self.augment(train.features)  # (N, Dp)
-        self.r = ops.residuals(train.logits, train.labels)  # (N, C)
-        self._cache: dict[str, torch.Tensor] = {}
+        self.num_train, self.num_classes, self.num_features = len(train), train.num_classes, train.num_features
+        self.dtype, self.device = train.dtype, train.device
+        self._group = ProcessGroup.default() if distributed else ProcessGroup.single()
+        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        if isinstance(train, Store):
+            self._blocks = train.blocks(self.device)
+            self._group.check_same(train.fingerprint(), "store")
+            self._columns = None  # the store's, once the layer is known (__init__)
+        else:
+            self._blocks = TensorBlocks(train, block_rows(self.num_features + self.bias))
+            self._columns = MemoryColumns(self._blocks.sizes)
+        if self._group.world > len(self._blocks):
+            raise ValueError(f"{self._group.world} ranks but the training set has only {len(self._blocks)} "
+                             "blocks (shards): each rank needs at least one; write the store with smaller shards")
+        self._cache: dict[str, torch.Tensor] = {}  # what methods fit on the whole set (RPS refits)
         self._curvatures: dict = {}  # methods' extra curvatures by name, e.g. at RPS-LJE's Theta*
+        self._buffer, self._buffer_busy = None, False
 
-    @staticmethod
-    def _theta_from_layer(train, weight, bias):
+    def _fit_tag(self, config, theta) -> str:
+        """What a store's saved fits depend on: the settings and the layer."""
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        if theta is not None:
+            digest.update(theta.cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, curvature kinds) of what is fitted on the whole set."""
+        tensors, kinds = {}, {}
+        for name, curvature in {"curvature": self.curvature, **self._curvatures}.items():
+            kinds[name], values = curv.state(curvature)
+            tensors.update({f"{name}.{k}": v for k, v in values.items()})
+        tensors.update({f"cache.{k}": v for k, v in self._cache.items()})
+        return tensors, kinds
+
+    def _restore_fitted(self, tensors, kinds) -> None:
+        def group(prefix):
+            return {k[len(prefix):]: v.to(self.device) for k, v in tensors.items() if k.startswith(prefix)}
+        self.curvature = curv.from_state(kinds["curvature"], group("curvature."))
+        self._curvatures = {n: curv.from_state(k, group(f"{n}.")) for n, k in kinds.items() if n != "curvature"}
+        self._cache = group("cache.")
+
+    def _save_fitted(self) -> None:
+        self._columns.save_fitted(*self._fitted_state())
+
+    def _theta_from_layer(self, weight, bias):
         vector = bias if isinstance(bias, torch.Tensor) else None
         if weight is None:
             if vector is not None:
                 raise ValueError("bias is a tensor but weight is None: pass the layer's weight (C, D) too")
             return None
-        N, D = train.features.shape
-        C = train.num_classes
+        C, D = self.num_classes, self.num_features
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (C, D):
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"weight must be a tensor of shape (C, D) = ({C}, {D}), got {got}")
-        if weight.device != train.features.device:
-            raise ValueError(f"weight is on {weight.device} but train is on {train.features.device}")
+        if weight.device != self.device:
+            raise ValueError(f"weight is on {weight.device} but train is on {self.device}")
         if bias is True and vector is None:
             raise ValueError("bias=True with a weight: pass the layer's bias vector (C,) as bias=")
         if vector is not None and (vector.dim() != 1 or vector.shape[0] != C):
@@ -143,67 +256,131 @@ class Attributor:
         theta = weight.double() if vector is None else torch.cat([weight.double(), vector.detach().double().view(C, 1)], 1)
         if not bool(torch.isfinite(theta).all()):
             raise ValueError("weight and bias must be finite")
-        phi = train.features.double()
-        if vector is not None:
-            phi = torch.cat([phi, phi.new_ones(N, 1)], 1)
-        err = float((phi @ theta.T - train.logits.double()).abs().max())
-        scale = 1.0 + float(train.logits.abs().max())
+        # The first block is enough to catch a wrong layer.
+        rows = next(self._rows([0], None, reuse=False))
+        err = float((rows.phi.double() @ theta.T - rows.logits.double()).abs().max())
+        scale = 1.0 + float(rows.logits.abs().max())
         tol = 1e-3 * scale  # catches a wrong layer, not float32 rounding of logits cast to float64
         if err > tol:
             raise ValueError(f"weight and bias do not reproduce train.logits: max |phi W^T + b - logits| "
                              f"= {err:.3g} > {tol:.3g}; pass the layer that produced the logits")
         return theta
 
-    def augment(self, features: torch.Tensor) -> torch.Tensor:
-        """features (n, D) -> phi (n, Dp): with the constant-1 bias column when the layer has a bias."""
+    def augment(self, features: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """features (n, D) -> phi (n, Dp): with the constant-1 bias column when the
+        layer has a bias, written into `out` (rows >= n, Dp) when given."""
         if not self.bias:
             return features.contiguous()
-        ones = torch.ones(features.shape[0], 1, dtype=features.dtype, device=features.device)
-        return torch.cat([features, ones], dim=1)
+        n, D = features.shape
+        phi = torch.empty(n, D + 1, dtype=features.dtype, device=features.device) if out is None else out[:n]
+        phi[:, :D] = features
+        phi[:, D] = 1
+        return phi
 
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
+    # ------------------------------------------------- blocks and passes
+
+    def _own_blocks(self) -> range:
+        """The blocks this rank reads: all of them on one process."""
+        return range(self._group.rank, len(self._blocks), self._group.world)
+
+    def _rows(self, indices, label: str | None, reuse: bool = True):
+        """Rows of the blocks numbered `indices`, with a progress line when `label`."""
+        bar = Progress(label or "", len(indices), self.progress and label is not None)
+        # A pass nested in another (a fit on first use inside a query) gets no
+        # buffer: the outer pass's rows still point into it.
+        reuse = reuse and self.bias and not self._buffer_busy
+        self._buffer_busy |= reuse
+        try:
+            for block in self._blocks.read(indices):
+                if reuse and self._buffer is None:
+                    self._buffer = torch.empty(self._blocks.max_rows, self.num_features + 1,
+                                               dtype=self.dtype, device=self.device)
+                yield Rows(self, block, self._buffer if reuse else None)
+                bar.update()
+        finally:
+            bar.close()
+            if reuse:
+                self._buffer_busy = False
+
+    def _whole(self) -> Rows:
+        """The whole in-memory training set as one Rows (prepare's operands)."""
+        if not isinstance(self.train, LastLayerData):
+            raise ValueError("prepare() returns operands for the whole training set in memory; an "
+                             "Attributor over a store streams its shards instead (use topk/scores)")
+        t = self.train
+        return Rows(self, Block(None, 0, t.features, t.logits, t.labels), None)
 
     # ------------------------------------------------- fitted state, for methods
 
     def cached(self, key: str | tuple[str, ...], compute):
         """The tensor saved under `key`, computed by `compute()` on first use and
         kept in the saved state; a tuple of keys caches a tuple of tensors
-        computed together. Methods keep everything they fit here."""
+        computed together. Methods keep what they fit on the whole training
+        set here (RPS refits); per-example values go in `per_example`."""
         keys = (key,) if isinstance(key, str) else key
         if any(k not in self._cache for k in keys):
             values = compute()
             self._cache.update(zip(keys, (values,) if isinstance(key, str) else values))
+            self._save_fitted()
         return self._cache[key] if isinstance(key, str) else tuple(self._cache[k] for k in keys)
 
-    def curvature_at(self, key: str, logits: torch.Tensor):
+    def per_example(self, key: str | tuple[str, ...], rows: Rows, compute):
+        """The (b,) values saved under `key` for `rows`, computed by compute(rows)
+        on the block's first visit and kept (in memory and the saved state, or
+        written into the store beside the shard); a tuple of keys gets a tuple."""
+        single = isinstance(key, str)
+        keys = (key,) if single else tuple(key)
+
+        def block(rows):
+            out = self._columns.get(keys, rows.index)
+            if out is None:
+                out = (compute(rows),) if single else tuple(compute(rows))
+                self._columns.put(keys, rows.index, out)
+            return out
+
+        if rows.index is None:  # the whole set: block by block, then joined
+            parts = [block(r) for r in self._rows(range(len(self._blocks)), None, reuse=False)]
+            out = tuple(torch.cat(column) for column in zip(*parts))
+        else:
+            out = block(rows)
+        return out[0] if single else out
+
+    def means(self, label: str, logits_of=None) -> curv.Statistics:
+        """Means over the training set for fitting (curvature.Statistics)."""
+        return _Means(self, label, logits_of)
+
+    def curvature_at(self, key: str, logits_of):
         """The damped curvature with this Attributor's settings at other logits
-        (N, C) of the same features, fitted once and saved under `key`."""
+        of the same features, logits_of(rows) (b, C), fitted once under `key`."""
         if key not in self._curvatures:
             self._curvatures[key] = curv.build(self.curvature_name, self.damping, self.config["kfac_damping"],
-                                               self.phi, logits, self.config.get("rank"))
+                                               _Means(self, key, logits_of), self.config.get("rank"))
+            self._save_fitted()
         return self._curvatures[key]
 
-    def curvature_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (N,): one pass, on first use."""
-        return self.cached(("norm_sq", "norm_quad"), lambda: self.curvature.norms(self.r, self.phi))
+    def curvature_norms(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (b,), for the rows."""
+        return self.per_example(("norm_sq", "norm_quad"), rows,
+                                lambda r: self.curvature.norms(r.r, r.phi, self.num_train))
 
-    def curvature_quad_norms(self) -> torch.Tensor:
-        """g_i^T H^-1 g_i, (N,): alone where the curvature computes it for less."""
-        return self.cached("norm_quad", lambda: self.curvature.quad_norms(self.r, self.phi))
+    def curvature_quad_norms(self, rows: Rows) -> torch.Tensor:
+        """g_i^T H^-1 g_i, (b,): alone where the curvature computes it for less."""
+        if self._columns.get(("norm_sq", "norm_quad"), rows.index) is not None:
+            return self.curvature_norms(rows)[1]
+        return self.per_example("norm_quad", rows, lambda r: self.curvature.quad_norms(r.r, r.phi))
 
-    def gradient_sq_norms(self) -> torch.Tensor:
-        """|g_i|^2, (N,)."""
-        return self.cached("grad_sq", lambda: curv.gradient_sq_norms(self.r, self.phi).to(self.phi.dtype))
+    def gradient_sq_norms(self, rows: Rows) -> torch.Tensor:
+        """|g_i|^2, (b,)."""
+        return self.per_example("grad_sq", rows, lambda r: curv.gradient_sq_norms(r.r, r.phi).to(self.dtype))
 
     # ---------------------------------------------------------------- operands
 
     def prepare(self, method: str) -> TrainOperands:
-        """The training side of `method` for the score ops: TrainOperands(r (N, C'),
-        phi (N, Dp'), inv_norm (N,)). Fitted on the first call (normalisers,
-        RPS refits), cached afterwards."""
-        return methods.get(method).prepare(self)
+        """The training side of `method` for the score ops over the whole
+        in-memory training set: TrainOperands(r (N, C'), phi (N, Dp'), inv_norm
+        (N,)), with phi a copy holding the bias column. Normalisers and RPS
+        refits are fitted on the first call and kept."""
+        return methods.get(method).operands(self, self._whole())
 
     def query(self, test: LastLayerData, method: str) -> Query:
         """The test side of `method`: Query(gradient, offset), with gradient
@@ -216,17 +393,17 @@ class Attributor:
     def _check_test(self, test) -> None:
         if not isinstance(test, LastLayerData):
             raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
-        D = self.train.features.shape[1]
+        D = self.num_features
         if test.features.shape[1] != D:
             raise ValueError(f"test.features must have shape (T, D) with D={D} like train.features, "
                              f"got {tuple(test.features.shape)}")
-        if test.num_classes != self.train.num_classes:
-            raise ValueError(f"test.logits must have C={self.train.num_classes} classes like "
+        if test.num_classes != self.num_classes:
+            raise ValueError(f"test.logits must have C={self.num_classes} classes like "
                              f"train.logits, got {tuple(test.logits.shape)}")
-        if test.features.dtype != self.phi.dtype:
-            raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.phi.dtype}")
-        if test.features.device != self.phi.device:
-            raise ValueError(f"test is on {test.features.device} but train is on {self.phi.device}")
+        if test.features.dtype != self.dtype:
+            raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.dtype}")
+        if test.features.device != self.device:
+            raise ValueError(f"test is on {test.features.device} but train is on {self.device}")
         _check_magnitude("test.features", test.features)
 
     # ---------------------------------------------------------------- API
@@ -235,29 +412,101 @@ class Attributor:
         """(T, N): score(t, i) of every training example for every test example.
         IF family: positive = helpful (up-weighting i lowers the test loss).
         RPS: i's contribution to the explained logit. kNN: -|f_t - f_i|^2."""
-        return self.query(test, method).scores(self.prepare(method))
+        m, q = methods.get(method), self.query(test, method)
+        out = torch.zeros(len(test), self.num_train, dtype=self.dtype, device=self.device)
+        for rows in self._rows(self._own_blocks(), f"scores {method}"):
+            out[:, rows.start:rows.start + len(rows)] = q.scores(m.operands(self, rows))
+        return self._group.all_sum((out,))[0]  # each rank filled its own columns
 
-    def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True):
+    def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True,
+             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024):
         """(values, indices), each (T, k), best first: the k most helpful training
         examples per test example, or with largest=False the k most harmful
-        (opponents). Never builds the (T, N) matrix."""
-        return self.query(test, method).topk(self.prepare(method), k, largest)
+        (opponents). Never builds the (T, N) matrix. Indices are rows of the
+        training set (positions in the store). out: a folder for a resumable
+        job: results are written per block of `test_rows` tests, and a rerun
+        with the same arguments skips the blocks already there. split (with
+        distributed=True): "train" gives each rank its own training blocks,
+        "test" its own share of the tests against the whole training set."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
+            error = ValueError if isinstance(k, int) and not isinstance(k, bool) else TypeError
+            raise error(f"k must be an integer in [1, N] = [1, {self.num_train}], got {k!r}")
+        if not isinstance(largest, bool):
+            raise TypeError(f"largest must be True or False, got {largest!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.query(test, method)  # checks the test set and the method before any work
+        if out is None:
+            return self._topk(test, k, method, largest, split)
+        if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
+            raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
+        settings = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
+                        test=tensor_checksum(test.features, test.logits, test.labels), N=self.num_train,
+                        attributor=self._fit_tag(self.config, self.theta))
+        folder = ResultFolder(out, settings, writer=self._group.rank == 0)
+        parts, blocks = [], range(0, len(test), test_rows)
+        bar = Progress(f"topk {method} job", len(blocks), self.progress)
+        for b, t0 in enumerate(blocks):
+            done = folder.load(b)
+            if done is None:
+                rows = slice(t0, t0 + test_rows)
+                part = LastLayerData(test.features[rows], test.logits[rows],
+                                     None if test.labels is None else test.labels[rows])
+                values, indices = self._topk(part, k, method, largest, split, label="")
+                done = {"values": values, "indices": indices}
+                folder.save(b, done)
+            parts.append((done["values"].to(self.device), done["indices"].to(self.device)))
+            bar.update()
+        bar.close()
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+    def _topk(self, test, k, method, largest, split="train", label=None):
+        if split == "test" and self._group.world > 1:
+            share = self._group.share(len(test))
+            part = LastLayerData(test.features[share], test.logits[share],
+                                 None if test.labels is None else test.labels[share])
+            values, indices = self._topk_over(part, k, method, largest, range(len(self._blocks)), label)
+            return self._group.gather_rows(values, len(test)), self._group.gather_rows(indices, len(test))
+        best = self._topk_over(test, k, method, largest, self._own_blocks(), label)
+        return merge_topk(self._group.all_gather(best), k, largest) if self._group.world > 1 else best
+
+    def _topk_over(self, test, k, method, largest, blocks, label):
+        m, q = methods.get(method), self.query(test, method)
+        best = None
+        for rows in self._rows(blocks, f"topk {method}" if label is None else (label or None)):
+            values, indices = q.topk(m.operands(self, rows), min(k, len(rows)), largest)
+            part = (values, indices + rows.start)
+            best = part if best is None and len(rows) >= k else merge_topk(
+                [part] if best is None else [best, part], k, largest)
+        return best
 
     def total_scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass."""
-        return self.query(test, method).total(self.prepare(method))
+        m, q = methods.get(method), self.query(test, method)
+        out = torch.zeros(self.num_train, dtype=self.dtype, device=self.device)
+        for rows in self._rows(self._own_blocks(), f"total_scores {method}"):
+            out[rows.start:rows.start + len(rows)] = q.total(m.operands(self, rows))
+        return self._group.all_sum((out,))[0]
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own
         label; large values flag examples the model finds hard or mislabelled
         (for RPS, rank by the absolute value). kNN: 0 by definition."""
-        return methods.get(method).self_influence(self)
+        m = methods.get(method)
+        out = torch.zeros(self.num_train, dtype=self.dtype, device=self.device)
+        for rows in self._rows(self._own_blocks(), f"self_influence {method}"):
+            out[rows.start:rows.start + len(rows)] = m.self_influence(self, rows)
+        return self._group.all_sum((out,))[0]
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, config): everything fitted so far (curvature, normalisers,
-        RPS fits), so `from_state` rebuilds this Attributor without refitting."""
+        RPS fits), so `from_state` rebuilds this Attributor without refitting.
+        In-memory training sets only: a store keeps its fits itself."""
+        if not isinstance(self.train, LastLayerData):
+            raise ValueError("state_dict() saves an in-memory Attributor; one over a store keeps its fits "
+                             f"in the store ({self.train.path}) and reopens them from there")
         tensors = {"train.features": self.train.features, "train.logits": self.train.logits,
                    "train.labels": self.train.labels}
         if self.theta is not None:
@@ -270,6 +519,7 @@ class Attributor:
             tensors.update({f"{name}.{k}": v for k, v in extra.items()})
             config[f"{name}_kind"] = kind
         tensors.update({f"cache.{k}": v for k, v in self._cache.items()})
+        tensors.update({f"cache.{k}": v for k, v in self._columns.complete().items()})
         return {k: v.contiguous() for k, v in tensors.items()}, config
 
     @classmethod
@@ -287,11 +537,16 @@ class Attributor:
         for name in _saved_specs()[1]:
             if f"{name}_kind" in config:
                 self._curvatures[name] = curv.from_state(config[f"{name}_kind"], group(f"{name}."))
-        self._cache = group("cache.")
+        specs = _saved_specs()[0]
+        for key, value in group("cache.").items():
+            if specs[key][:1] == ("N",):
+                self._columns.put_whole(key, value)
+            else:
+                self._cache[key] = value
         return self
 
     def __repr__(self) -> str:
-        return f"Attributor(N={self.num_train}, C={self.train.num_classes}, {json.dumps(self.config)})"
+        return f"Attributor(N={self.num_train}, C={self.num_classes}, {json.dumps(self.config)})"
 
 
 def _shape_and_dtype(spec: tuple, data_dtype: torch.dtype) -> tuple[tuple, torch.dtype]:

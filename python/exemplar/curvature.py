@@ -84,14 +84,13 @@ def cast_inverse(x: torch.Tensor, dtype: torch.dtype, damping: float) -> torch.T
     return out
 
 
-def check_pseudo_inverse(eigenvalues: torch.Tensor, phi: torch.Tensor, damping: float) -> None:
+def check_pseudo_inverse(eigenvalues: torch.Tensor, mean_sq_norm: float, damping: float) -> None:
     """With damping 0 the inverse is the pseudo-inverse of H itself, which is
     meaningless when H is below the rounding of its own sums: a training set
     fit so confidently that every p(1 - p) underflows against 1 - p."""
     if damping > 0:
         return
-    # largest p(1-p) times mean |phi|^2; row norms, so no (N, Dp) float64 copy
-    scale = 0.25 * float(torch.linalg.vector_norm(phi, dim=1).double().square().mean())
+    scale = 0.25 * mean_sq_norm  # largest p(1-p) times mean |phi|^2
     largest = float(eigenvalues.max())
     if not largest > PSEUDO_INVERSE_FLOOR * scale:
         raise ValueError(f"damping=0: the curvature is below float64 rounding (largest eigenvalue "
@@ -169,6 +168,10 @@ class Curvature:
     def quad_norms(self, R, Phi):
         return self.norms(R, Phi)[1]
 
+    def norms(self, R, Phi, N=None):
+        """N: rows in the whole training set, when R and Phi are one block of it."""
+        raise NotImplementedError
+
 
 class Exact(Curvature):
     """H_lambda^-1 as an explicit (C*Dp, C*Dp) matrix: the pseudo-inverse, from an
@@ -178,14 +181,17 @@ class Exact(Curvature):
         self.hinv = hinv  # (C*Dp, C*Dp)
 
     @classmethod
-    def fit(cls, phi, logits, damping):
-        check_exact_fits(logits.shape[1], phi.shape[1], phi.shape[0], phi.device)
+    def fit(cls, data: Statistics, damping):
+        check_exact_fits(data.C, data.Dp, data.N, data.device)
         # float64 GEMMs: the pseudo-inverse reads the smallest eigenvalues, which
         # float32 sums would bury in rounding.
-        e, V = torch.linalg.eigh(ops.exact_hessian(phi.double(), logits.double()))
-        check_pseudo_inverse(e, phi, damping)
-        hinv = project_out_null((V * inverse_damped(e, damping)) @ V.T, logits.shape[1], phi.shape[1])
-        return cls(cast_inverse(hinv, phi.dtype, damping))
+        H, sq = data.mean(lambda phi, logits: (ops.exact_hessian(phi.double(), logits.double()),
+                                               mean_sq_norm(phi)))
+        e, V = torch.linalg.eigh(H)
+        del H
+        check_pseudo_inverse(e, float(sq), damping)
+        hinv = project_out_null((V * inverse_damped(e, damping)) @ V.T, data.C, data.Dp)
+        return cls(cast_inverse(hinv, data.dtype, damping))
 
     @staticmethod
     def shapes(C, Dp):
@@ -196,7 +202,7 @@ class Exact(Curvature):
         g = (r.unsqueeze(2) * phi.unsqueeze(1)).reshape(T, C * Dp)
         return General((g @ self.hinv).view(T, C, Dp))
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         return ops.dense_norms(R, Phi, self.hinv)
 
 
@@ -224,14 +230,16 @@ class ExactCholesky(Curvature):
         self.chol = chol  # ((C-1)*Dp, (C-1)*Dp) float64, lower triangular
 
     @classmethod
-    def fit(cls, phi, logits, damping):
-        C, Dp = logits.shape[1], phi.shape[1]
-        check_exact_fits(C, Dp, phi.shape[0], phi.device)
-        cast_inverse(torch.tensor(1.0 / damping, dtype=torch.float64), phi.dtype, damping)  # its largest entry
-        E = residual_basis(C, phi.device)
+    def fit(cls, data: Statistics, damping):
+        C, Dp = data.C, data.Dp
+        check_exact_fits(C, Dp, data.N, data.device)
+        cast_inverse(torch.tensor(1.0 / damping, dtype=torch.float64), data.dtype, damping)  # its largest entry
+        E = residual_basis(C, data.device)
+        (H,) = data.mean(lambda phi, logits: (ops.exact_hessian(phi, logits),))
         # (E x I)^T H (E x I) as two thin products, the second batched over rows,
         # so the result is laid out (a, d, b, e) with no permuted copy.
-        rows = E.T @ ops.exact_hessian(phi, logits).view(C, -1)  # (C-1, Dp*C*Dp)
+        rows = E.T @ H.view(C, -1)  # (C-1, Dp*C*Dp)
+        del H
         reduced = torch.matmul(E.T, rows.view((C - 1) * Dp, C, Dp)).view((C - 1) * Dp, (C - 1) * Dp)
         del rows
         reduced.diagonal().add_(damping)
@@ -256,13 +264,16 @@ class ExactCholesky(Curvature):
         y = torch.cholesky_solve(g.T, self.chol).T.reshape(T, C - 1, Dp)
         return General(torch.einsum("ck,tkd->tcd", E, y).to(r.dtype))
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         # Both norms cost 2 N ((C-1) Dp)^2 either way; a GEMM against the
         # explicit inverse runs faster than triangular solves on small factors,
-        # and the inverse's (2/3)((C-1) Dp)^3 pays off once N is several times
-        # (C-1) Dp (bench/RESULTS.md, exact curvature).
-        if 4 * self.chol.shape[0] < R.shape[0]:
-            return ops.dense_norms(self._reduced(R), Phi, torch.cholesky_inverse(self.chol).to(R.dtype))
+        # and the inverse's (2/3)((C-1) Dp)^3 pays off once the N rows of the
+        # whole training set are several times (C-1) Dp (bench/RESULTS.md,
+        # exact curvature). It is computed once, not per block of rows.
+        if 4 * self.chol.shape[0] < (N or R.shape[0]):
+            if getattr(self, "_inverse", None) is None or self._inverse.dtype != R.dtype:
+                self._inverse = torch.cholesky_inverse(self.chol).to(R.dtype)
+            return ops.dense_norms(self._reduced(R), Phi, self._inverse)
         return ops.cholesky_norms(self._reduced(R), Phi, self.chol)
 
     def quad_norms(self, R, Phi):
@@ -284,7 +295,7 @@ class Eigenbasis(Curvature):
         rotated = (r @ self.qg).unsqueeze(2) * (phi @ self.qa).unsqueeze(1) * self.w
         return General(self.qg @ rotated @ self.qa.T)
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.w)
 
 
@@ -320,7 +331,7 @@ class LowRankEigenbasis(Curvature):
         b = (phi @ self.qa).unsqueeze(1) * self.v  # (T, m, Dp)
         return LowRank(a @ self.qg.T, b @ self.qa.T)
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.u.T @ self.v)
 
 
@@ -349,7 +360,7 @@ class Factored(Curvature):
     def precondition(self, r, phi):
         return Rank1(((r @ self.qg) * self.u) @ self.qg.T, ((phi @ self.qa) * self.v) @ self.qa.T)
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, torch.outer(self.u, self.v))
 
 
@@ -360,9 +371,9 @@ class Identity(Curvature):
         self.scale = scale  # 0-dim tensor
 
     @classmethod
-    def fit(cls, damping, like):
+    def fit(cls, damping, dtype, device):
         return cls(cast_inverse(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64),
-                                like.dtype, damping).to(like.device))
+                                dtype, damping).to(device))
 
     @staticmethod
     def shapes(C, Dp):
@@ -371,7 +382,7 @@ class Identity(Curvature):
     def precondition(self, r, phi):
         return Rank1(r * self.scale, phi)
 
-    def norms(self, R, Phi):
+    def norms(self, R, Phi, N=None):
         sq = gradient_sq_norms(R, Phi)
         scale = self.scale.double()
         return (sq * scale**2).to(R.dtype), (sq * scale).to(R.dtype)
@@ -382,7 +393,7 @@ KINDS = {cls.__name__: cls for cls in (Exact, ExactCholesky, Eigenbasis, LowRank
 
 def state(curvature) -> tuple[str, dict[str, torch.Tensor]]:
     """(kind, tensors): everything needed to rebuild `curvature` without refitting."""
-    return type(curvature).__name__, dict(vars(curvature))
+    return type(curvature).__name__, {k: v for k, v in vars(curvature).items() if not k.startswith("_")}
 
 
 def from_state(kind: str, tensors: dict[str, torch.Tensor]):
@@ -404,20 +415,42 @@ def kinds_of(curvature: str, kfac_damping: str, damping: float, rank=None) -> tu
     return {"ekfac": ("Eigenbasis",), "identity": ("Identity",)}[curvature]
 
 
-def build(curvature: str, damping: float, kfac_damping: str, phi, logits, rank=None):
+class Statistics:
+    """Means over the training set for fitting a curvature: `mean(fn)` is
+    (1/N) sum_i of what fn(phi (b, Dp), logits (b, C)) returns as per-block
+    means (a tuple of float64 tensors), block by block and across ranks."""
+    N: int
+    C: int
+    Dp: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def mean(self, fn) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+def mean_sq_norm(phi: torch.Tensor) -> torch.Tensor:
+    """mean |phi_i|^2 (0-dim float64), row norms so no (b, Dp) float64 copy."""
+    return torch.linalg.vector_norm(phi, dim=1).double().square().mean()
+
+
+def build(curvature: str, damping: float, kfac_damping: str, data: Statistics, rank=None):
     if curvature == "identity":
-        return Identity.fit(damping, phi)
+        return Identity.fit(damping, data.dtype, data.device)
     if curvature == "exact":
-        return (ExactCholesky if damping > 0 else Exact).fit(phi, logits, damping)
-    A, G = ops.kfac_factors(phi, logits)
+        return (ExactCholesky if damping > 0 else Exact).fit(data, damping)
+    A, G, sq = data.mean(lambda phi, logits: (*ops.kfac_factors(phi, logits), mean_sq_norm(phi)))
     sa, qa = torch.linalg.eigh(A)
     sg, qg = torch.linalg.eigh(G)
-    eig = ops.ekfac_eigenvalues(phi, logits, qa, qg) if curvature == "ekfac" else torch.outer(sg, sa)
-    check_pseudo_inverse(eig, phi, damping)
+    if curvature == "ekfac":
+        (eig,) = data.mean(lambda phi, logits: (ops.ekfac_eigenvalues(phi, logits, qa, qg),))
+    else:
+        eig = torch.outer(sg, sa)
+    check_pseudo_inverse(eig, float(sq), damping)
+    dtype = data.dtype
     if curvature == "kfac" and kfac_damping == "factored":
-        return Factored.fit(qg, sg, qa, sa, damping, phi.dtype)
+        return Factored.fit(qg, sg, qa, sa, damping, dtype)
     w = without_null_direction(inverse_damped(eig, damping), qg)
-    dtype = phi.dtype
     w_cast = cast_inverse(w, dtype, damping)
     if rank is not None:
         return LowRankEigenbasis.fit(qg, qa, w, rank, dtype)

@@ -85,6 +85,18 @@ class LastLayerData:
     def num_classes(self) -> int:
         return self.logits.shape[1]
 
+    @property
+    def num_features(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
     def explained_labels(self) -> torch.Tensor:
         """The labels whose gradients are explained: the given ones, else the predictions."""
         return self.labels if self.labels is not None else self.logits.argmax(dim=1)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .data import LastLayerData, integer_labels
 from .progress import Progress
+from .store import DEFAULT_SHARD_ROWS, StoreWriter
 
 
 def _split_batch(batch):
@@ -127,51 +128,110 @@ class LastLayer:
                          f"the last module to run is {last}, so the model's last layer is not "
                          "nn.Linear. Pass layer= (a name or module) to explain a linear layer anyway")
 
-    def collect(self, loader, progress: bool = True) -> LastLayerData:
+    def collect(self, loader, progress: bool = True, store=None, shard_rows: int = DEFAULT_SHARD_ROWS):
         """Runs the model over `loader` (batches: inputs, or (inputs..., labels))
-        and returns the layer's inputs and outputs with the loader's labels."""
+        and returns the layer's inputs and outputs with the loader's labels:
+        a LastLayerData in memory, or with store=PATH an exemplar.Store written
+        shard by shard (`shard_rows` rows each, one shard in memory). Rerun with
+        the same arguments after an interrupt, it continues from the last
+        complete shard without rerunning the model on the rows before it."""
+        _check_fixed_order(loader)
+        if store is None:
+            parts = list(self._batches(loader, progress))
+            if not parts:
+                raise ValueError("loader yielded no batches")
+            if any(y is None for *_, y in parts) and any(y is not None for *_, y in parts):
+                raise ValueError("some batches had labels and some did not")
+            labels = [y for *_, y in parts]
+            return LastLayerData(torch.cat([x for x, _, _ in parts]), torch.cat([z for _, z, _ in parts]),
+                                 None if labels[0] is None else torch.cat(labels))
+        order = _dataset_order(loader)
+        writer = None
+        for start, (x, z, y) in self._batches(loader, progress, positions=True, skip=lambda: writer):
+            if y is None:
+                raise ValueError("a store holds training data: the loader's batches need labels")
+            if writer is None:
+                writer = StoreWriter(store, x.shape[1], z.shape[1], x.dtype, shard_rows, {
+                    "layer": self.name, "loader": type(loader).__name__,
+                    "dataset": type(getattr(loader, "dataset", None)).__name__,
+                    "order": "sampler" if order is not None else "loader"})
+                if writer.complete:
+                    return writer.finish()
+            n = x.shape[0]
+            if start + n <= writer.rows_done:  # resuming: rows already in the store
+                continue
+            index = torch.arange(start, start + n) if order is None else torch.as_tensor(order[start:start + n])
+            keep = max(writer.rows_done - start, 0)
+            writer.add(x[keep:], z[keep:], y[keep:], index[keep:])
+        if writer is None:
+            raise ValueError("loader yielded no batches")
+        return writer.finish()
+
+    def _batches(self, loader, progress, positions=False, skip=None):
+        """Yields (features, logits, labels or None) per batch, or with
+        positions=True (first row's position, (features, logits, labels)).
+        Once skip() returns a store writer, batches wholly before its
+        rows_done are passed over without running the model."""
         captured = {}
 
         def hook(module, inputs, output):
             captured["x"], captured["z"] = inputs[0], output
 
-        _check_fixed_order(loader)
-        features, logits, labels = [], [], []
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         handle = self.layer.register_forward_hook(hook)
         bar = Progress(f"collect {self.name}", len(loader) if hasattr(loader, "__len__") else None, progress)
+        start, first = 0, True
         try:
             with torch.no_grad():
-                for batch in loader:
+                for i, batch in enumerate(loader):
                     inputs, y = _split_batch(batch)
+                    writer = skip() if skip is not None else None
+                    n = _batch_rows(inputs, y)
+                    if writer is not None and n is not None and start + n <= writer.rows_done:
+                        start += n
+                        bar.update()
+                        continue
                     inputs = tuple(_to(x, self.device) for x in inputs)
                     out = self.model(*inputs)
                     if "x" not in captured:
                         raise ValueError(f"layer {self.name!r} did not run in the model's forward")
-                    if self._found and not features:
+                    if self._found and first:
                         self._check_is_output(out, captured["z"], inputs)
-                    x, z = captured.pop("x"), captured.pop("z")
+                    first = False
+                    x, z = captured.pop("x").detach(), captured.pop("z").detach()
                     if x.dim() != 2:
                         raise ValueError(f"layer {self.name!r} saw input of shape {tuple(x.shape)}; "
                                          "exemplar explains one prediction per example, so it must "
                                          "see (batch, D)")
-                    features.append(x.detach())
-                    logits.append(z.detach())
-                    if y is not None:
-                        labels.append(integer_labels(y, f" in batch {len(features) - 1}").to(self.device))
+                    labels = None if y is None else integer_labels(y, f" in batch {i}").to(self.device)
+                    yield (start, (x, z, labels)) if positions else (x, z, labels)
+                    start += x.shape[0]
                     bar.update()
         finally:
             handle.remove()
             bar.close()
             for module, training in modes:
                 module.training = training
-        if not features:
-            raise ValueError("loader yielded no batches")
-        if labels and len(labels) != len(features):
-            raise ValueError("some batches had labels and some did not")
-        return LastLayerData(torch.cat(features), torch.cat(logits),
-                             torch.cat(labels) if labels else None)
+
+
+def _batch_rows(inputs, labels) -> int | None:
+    """Rows in a batch without running the model: from its labels or first input."""
+    for x in (labels, inputs[0] if inputs else None):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return x.shape[0]
+    return None
+
+
+def _dataset_order(loader) -> list[int] | None:
+    """The dataset indices a loader visits, in order, when its sampler says so."""
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None or isinstance(sampler, torch.utils.data.SequentialSampler):
+        return None
+    try:
+        return [int(i) for i in sampler]
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_fixed_order(loader) -> None:

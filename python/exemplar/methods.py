@@ -1,15 +1,18 @@
 """The attribution methods, one class each, registered by name (docs/design.md §1).
 
 Every method reduces to the fused score op (`ops.scores`/`ops.topk` and their
-rank-1 forms): a training side `TrainOperands(r, phi, inv_norm)`, computed once
-per Attributor, and a test side `Query(gradient, offset)`, so that
+rank-1 forms): a training side `TrainOperands(r, phi, inv_norm)` for each block
+of training rows, and a test side `Query(gradient, offset)`, so that
 
     score(t, i) = <S_t, r_i phi_i^T> * inv_norm_i + offset_t.
 
-A method is a subclass of `Method` decorated with `@register`; it reads the
-Attributor's public state (`train`, `phi`, `r`, `curvature`, `theta`, `config`)
-and keeps what it fits in `attr.cached(...)`, so saved state carries it. The
-Attributor itself holds no per-method code."""
+A method is a subclass of `Method` decorated with `@register`. It sees the
+training set one block at a time (`attributor.Rows`: features, logits, labels,
+phi, r, start), reads the Attributor's public state (`curvature`, `theta`,
+`config`, `num_train`), and keeps what it fits in `attr.per_example(...)`
+(per-example values such as normalisers) or `attr.cached(...)` (fits on the
+whole set), so saved state and stores carry them. The Attributor itself holds
+no per-method code and never holds more than one block of training rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from . import ops, rps
 from .data import LastLayerData
 
 if TYPE_CHECKING:
-    from .attributor import Attributor
+    from .attributor import Attributor, Rows
 
 
 @dataclass(frozen=True)
@@ -86,23 +89,26 @@ class Method:
     contribution, rank self-influence by magnitude) or "distance" (no
     self-influence). `saved` maps each tensor the method caches to its shape
     in N, C, D, Dp, "D+1", optionally followed by a dtype (default: the
-    training features'), and
-    `curvatures` names the extra curvatures it fits, so saved state is checked."""
+    training features'); ("N",) ones are per-example values (attr.per_example).
+    `curvatures` names the extra curvatures it fits, so saved state is checked.
+
+    operands(attr, rows) gives the training side for one block of rows,
+    query(attr, test) the test side, self_influence(attr, rows) (b,) values."""
     name: ClassVar[str]
     family: ClassVar[str] = "influence"
     saved: ClassVar[dict[str, tuple]] = {}
     curvatures: ClassVar[tuple[str, ...]] = ()
 
-    def inv_norm(self, attr: Attributor) -> torch.Tensor:
-        return attr.cached("ones", lambda: torch.ones_like(attr.phi[:, 0]))
+    def inv_norm(self, attr: Attributor, rows: Rows) -> torch.Tensor:
+        return torch.ones_like(rows.phi[:, 0])
 
-    def prepare(self, attr: Attributor) -> TrainOperands:
-        return TrainOperands(attr.r, attr.phi, self.inv_norm(attr))
+    def operands(self, attr: Attributor, rows: Rows) -> TrainOperands:
+        return TrainOperands(rows.r, rows.phi, self.inv_norm(attr, rows))
 
     def query(self, attr: Attributor, test: LastLayerData) -> Query:
         raise NotImplementedError
 
-    def self_influence(self, attr: Attributor) -> torch.Tensor:
+    def self_influence(self, attr: Attributor, rows: Rows) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -147,8 +153,8 @@ class InfluenceFunction(Method):
     def query(self, attr, test):
         return Query(attr.curvature.precondition(*test_residuals(attr, test)))
 
-    def self_influence(self, attr):
-        return attr.curvature_quad_norms() * self.inv_norm(attr)
+    def self_influence(self, attr, rows):
+        return attr.curvature_quad_norms(rows) * self.inv_norm(attr, rows)
 
 
 @register
@@ -157,8 +163,8 @@ class ThetaRelatIF(InfluenceFunction):
     name = "theta_relatif"
     saved = {"inv_theta": ("N",)}
 
-    def inv_norm(self, attr):
-        return attr.cached("inv_theta", lambda: safe_reciprocal(attr.curvature_norms()[0].sqrt()))
+    def inv_norm(self, attr, rows):
+        return attr.per_example("inv_theta", rows, lambda r: safe_reciprocal(attr.curvature_norms(r)[0].sqrt()))
 
 
 @register
@@ -167,8 +173,9 @@ class LRelatIF(InfluenceFunction):
     name = "l_relatif"
     saved = {"inv_l": ("N",)}
 
-    def inv_norm(self, attr):
-        return attr.cached("inv_l", lambda: safe_reciprocal(attr.curvature_quad_norms().clamp_min(0).sqrt()))
+    def inv_norm(self, attr, rows):
+        return attr.per_example("inv_l", rows,
+                                lambda r: safe_reciprocal(attr.curvature_quad_norms(r).clamp_min(0).sqrt()))
 
 
 @register
@@ -179,8 +186,8 @@ class GradDot(Method):
     def query(self, attr, test):
         return Query(curv.Rank1(*test_residuals(attr, test)))
 
-    def self_influence(self, attr):
-        return attr.gradient_sq_norms() * self.inv_norm(attr).square()
+    def self_influence(self, attr, rows):
+        return attr.gradient_sq_norms(rows) * self.inv_norm(attr, rows).square()
 
 
 @register
@@ -189,8 +196,8 @@ class GradCos(GradDot):
     name = "grad_cos"
     saved = {"inv_grad": ("N",)}
 
-    def inv_norm(self, attr):
-        return attr.cached("inv_grad", lambda: safe_reciprocal(attr.gradient_sq_norms().sqrt()))
+    def inv_norm(self, attr, rows):
+        return attr.per_example("inv_grad", rows, lambda r: safe_reciprocal(attr.gradient_sq_norms(r).sqrt()))
 
     def query(self, attr, test):
         r, phi = test_residuals(attr, test)
@@ -213,24 +220,26 @@ class RpsL2(Method):
     sum_i alpha_iy <phi_i, phi_t>."""
     name = "rps_l2"
     family = "representer"
-    saved = {"rps_l2_alpha": ("N", "C"), "rps_l2_theta": ("C", "Dp", torch.float64)}
+    saved = {"rps_l2_theta": ("C", "Dp", torch.float64)}
 
-    def refit(self, attr) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta (C, Dp) float64, alpha (N, C)): the refit and its representer values."""
-        def fit():
-            theta, alpha = rps.fit_l2(attr.phi, attr.train.logits, attr.config["rps_lambda"], init=attr.theta)
-            return theta, alpha.to(attr.phi.dtype)
-        return attr.cached(("rps_l2_theta", "rps_l2_alpha"), fit)
+    def refit(self, attr) -> torch.Tensor:
+        """(C, Dp) float64: the l2-regularised refit, fitted once."""
+        return attr.cached("rps_l2_theta", lambda: rps.fit_l2(
+            attr.means("rps_l2 refit"), attr.config["rps_lambda"], init=attr.theta))
 
-    def prepare(self, attr):
-        return TrainOperands(self.refit(attr)[1], attr.phi, self.inv_norm(attr))
+    def alpha(self, attr, rows) -> torch.Tensor:
+        """(b, C): the rows' representer values under the refit."""
+        return rps.representer_values(rows.phi, rows.logits, self.refit(attr), attr.config["rps_lambda"],
+                                      attr.num_train).to(attr.dtype)
+
+    def operands(self, attr, rows):
+        return TrainOperands(self.alpha(attr, rows), rows.phi, self.inv_norm(attr, rows))
 
     def query(self, attr, test):
         return Query(curv.Rank1(*_explained_onehot(attr, test)))
 
-    def self_influence(self, attr):
-        y = attr.train.labels
-        return self.refit(attr)[1].gather(1, y.view(-1, 1)).view(-1) * attr.phi.square().sum(1)
+    def self_influence(self, attr, rows):
+        return self.alpha(attr, rows).gather(1, rows.labels.view(-1, 1)).view(-1) * rows.phi.square().sum(1)
 
 
 @register
@@ -239,34 +248,42 @@ class RpsLJE(Method):
     expanded around Theta by the curvature at Theta*."""
     name = "rps_lje"
     family = "representer"
-    saved = {"lje_theta": ("C", "Dp", torch.float64), "lje_r": ("N", "C")}
+    saved = {"lje_theta": ("C", "Dp", torch.float64)}
     curvatures = ("lje_curvature",)
 
     def expansion(self, attr):
-        """(Theta* (C, Dp) float64, residuals at Theta* (N, C), curvature at Theta*)."""
+        """(Theta* (C, Dp) float64, curvature at Theta*)."""
         if attr.theta is None:
             raise ValueError("method 'rps_lje' needs the trained layer: pass weight= (and the bias "
                              "vector as bias=) to the Attributor")
         theta_star = attr.cached("lje_theta", lambda: rps.ascent_step(
-            attr.phi, attr.r, attr.theta, attr.config["lje_step"]))
-        logits_star = (attr.phi.double() @ theta_star.T).to(attr.phi.dtype)
-        r_star = attr.cached("lje_r", lambda: ops.residuals(logits_star, attr.train.labels))
-        return theta_star, r_star, attr.curvature_at("lje_curvature", logits_star)
+            attr.means("rps_lje ascent").mean_rows(
+                lambda rows: (rows.r.double().T @ rows.phi.double() / len(rows),))[0],
+            attr.theta, attr.config["lje_step"]))
+        return theta_star, attr.curvature_at("lje_curvature", lambda rows: self.logits_star(theta_star, rows))
 
-    def prepare(self, attr):
-        return TrainOperands(self.expansion(attr)[1], attr.phi, self.inv_norm(attr))
+    @staticmethod
+    def logits_star(theta_star, rows) -> torch.Tensor:
+        return (rows.phi.double() @ theta_star.T).to(rows.phi.dtype)
+
+    def residuals_star(self, attr, rows) -> torch.Tensor:
+        """(b, C): the rows' residuals at Theta*."""
+        return ops.residuals(self.logits_star(self.expansion(attr)[0], rows), rows.labels)
+
+    def operands(self, attr, rows):
+        return TrainOperands(self.residuals_star(attr, rows), rows.phi, self.inv_norm(attr, rows))
 
     def query(self, attr, test):
         onehot, phi = _explained_onehot(attr, test)
-        theta_star, _, curvature_star = self.expansion(attr)
+        theta_star, curvature_star = self.expansion(attr)
         N = attr.num_train
         logit = (phi.double() @ theta_star.T).gather(1, test.explained_labels().view(-1, 1)).view(-1)
         return Query(curv.scaled(curvature_star.precondition(onehot, phi), -1.0 / N), (logit / N).to(phi.dtype))
 
-    def self_influence(self, attr):
-        theta_star, r_star, curvature_star = self.expansion(attr)
-        y, phi = attr.train.labels, attr.phi
-        onehot = torch.nn.functional.one_hot(y, attr.train.num_classes).to(phi.dtype)
+    def self_influence(self, attr, rows):
+        theta_star, curvature_star = self.expansion(attr)
+        r_star, y, phi = self.residuals_star(attr, rows), rows.labels, rows.phi
+        onehot = torch.nn.functional.one_hot(y, attr.num_classes).to(phi.dtype)
         # e_y^T H*^-1 (r*_i phi_i^T) phi_i by polarisation: both sides are rank 1 in phi_i.
         cross = (curvature_star.norms(onehot + r_star, phi)[1] - curvature_star.norms(onehot - r_star, phi)[1]) / 4
         logit = (phi.double() @ theta_star.T).gather(1, y.view(-1, 1)).view(-1)
@@ -282,17 +299,16 @@ class Knn(Method):
     a rank-1 dot product plus a per-test offset."""
     name = "knn"
     family = "distance"
-    saved = {"knn_phi": ("N", "D+1")}
 
-    def prepare(self, attr):
-        f = attr.train.features
-        phi = attr.cached("knn_phi", lambda: torch.cat([f, f.square().sum(1, keepdim=True)], 1))
-        return TrainOperands(torch.ones_like(attr.phi[:, :1]), phi, self.inv_norm(attr))
+    def operands(self, attr, rows):
+        f = rows.features
+        phi = torch.cat([f, f.square().sum(1, keepdim=True)], 1)
+        return TrainOperands(torch.ones_like(f[:, :1]), phi, torch.ones_like(f[:, 0]))
 
     def query(self, attr, test):
         f = test.features
         ones = torch.ones_like(f[:, :1])
         return Query(curv.Rank1(ones, torch.cat([2 * f, -ones], 1)), -f.square().sum(1))
 
-    def self_influence(self, attr):
-        return torch.zeros_like(attr.phi[:, 0])
+    def self_influence(self, attr, rows):
+        return torch.zeros_like(rows.features[:, 0])

@@ -6,28 +6,26 @@ from __future__ import annotations
 import torch
 
 
-def fit_l2(phi: torch.Tensor, target_logits: torch.Tensor, strength: float,
-           init: torch.Tensor | None = None, tol: float = 1e-10, max_steps: int = 100):
-    """phi (N, Dp), target_logits (N, C) -> (theta (C, Dp) float64, alpha (N, C) float64).
+def fit_l2(data, strength: float, init: torch.Tensor | None = None, tol: float = 1e-10,
+           max_steps: int = 100) -> torch.Tensor:
+    """data: curvature.Statistics over (phi (N, Dp), target_logits (N, C)) -> theta (C, Dp) float64.
 
     Minimises (1/N) sum_i CE(softmax(theta phi_i), softmax(target_i)) + strength |theta|^2
-    by Newton-CG with a backtracking line search until max|grad| < tol. At that stationary
-    point theta = sum_i alpha_i phi_i^T with alpha_i = -(p_i - target_i) / (2 strength N),
-    so the refit logits decompose exactly over the training set."""
+    by Newton-CG with a backtracking line search until max|grad| < tol, every
+    sum a pass over the training set's blocks. At that stationary point
+    theta = sum_i alpha_i phi_i^T with alpha_i = representer_values(...)."""
     if not strength > 0:
         raise ValueError(f"rps_lambda must be > 0 (the representer values divide by it), got {strength}")
-    phi = phi.double()
-    target = torch.softmax(target_logits.double(), dim=1)
-    theta = torch.zeros(target.shape[1], phi.shape[1], dtype=torch.float64, device=phi.device) \
+    theta = torch.zeros(data.C, data.Dp, dtype=torch.float64, device=data.device) \
         if init is None else init.double().clone()
-    loss, grad = _objective(phi, target, strength, theta)
+    loss, grad = _objective(data, strength, theta)
     for _ in range(max_steps):
         if float(grad.abs().max()) < tol:
             break
-        step = _newton_direction(phi, target, strength, theta, grad)
+        step = _newton_direction(data, strength, theta, grad)
         slope = float((grad * step).sum())
         for t in (0.5 ** i for i in range(30)):
-            new_loss, new_grad = _objective(phi, target, strength, theta + t * step)
+            new_loss, new_grad = _objective(data, strength, theta + t * step)
             # Near the optimum the loss stops changing in float64; the gradient still shrinks.
             unresolved = abs(new_loss - loss) <= 1e-13 * abs(loss)
             if new_loss <= loss + 1e-4 * t * slope or (unresolved and new_grad.abs().max() < grad.abs().max()):
@@ -40,25 +38,36 @@ def fit_l2(phi: torch.Tensor, target_logits: torch.Tensor, strength: float,
     if gap > 1e-6 * max(1.0, float(theta.abs().max())):
         raise RuntimeError(f"RPS-l2 refit: stopped with max|grad| = {float(grad.abs().max()):.3g}, "
                            f"too far from stationary for the representer decomposition (gap {gap:.3g})")
-    alpha = -(torch.softmax(phi @ theta.T, dim=1) - target) / (2.0 * strength * phi.shape[0])
-    return theta, alpha
+    return theta
 
 
-def _objective(phi, target, strength, theta):
+def representer_values(phi, target_logits, theta, strength: float, N: int) -> torch.Tensor:
+    """alpha (b, C) float64 of rows phi (b, Dp): -(p_i - target_i) / (2 strength N)."""
+    p = torch.softmax(phi.double() @ theta.T, dim=1)
+    return -(p - torch.softmax(target_logits.double(), dim=1)) / (2.0 * strength * N)
+
+
+def _objective(data, strength, theta):
     """(loss, gradient) of the refit objective at theta."""
-    log_p = torch.log_softmax(phi @ theta.T, 1)
-    loss = float(-(target * log_p).sum() / phi.shape[0] + strength * theta.square().sum())
-    return loss, (log_p.exp() - target).T @ phi / phi.shape[0] + 2 * strength * theta
+    def block(phi, target_logits):
+        phi = phi.double()
+        log_p = torch.log_softmax(phi @ theta.T, 1)
+        target = torch.softmax(target_logits.double(), 1)
+        return -(target * log_p).sum(1).mean(), (log_p.exp() - target).T @ phi / phi.shape[0]
+    loss, grad = data.mean(block)
+    return float(loss + strength * theta.square().sum()), grad + 2 * strength * theta
 
 
-def _newton_direction(phi, target, strength, theta, grad, max_iters=500):
+def _newton_direction(data, strength, theta, grad, max_iters=500):
     """Solves H x = -grad by conjugate gradients on the exact Hessian-vector product,
     to a relative residual min(0.5, sqrt|grad|) (superlinear once close)."""
-    p = torch.softmax(phi @ theta.T, 1)
-
     def hvp(v):  # (1/N) sum_i (diag(p_i) - p_i p_i^T)(v phi_i) phi_i^T + 2 strength v
-        z = phi @ v.T
-        return (p * z - p * (p * z).sum(1, keepdim=True)).T @ phi / phi.shape[0] + 2 * strength * v
+        def block(phi, target_logits):
+            phi = phi.double()
+            p = torch.softmax(phi @ theta.T, 1)
+            z = phi @ v.T
+            return ((p * z - p * (p * z).sum(1, keepdim=True)).T @ phi / phi.shape[0],)
+        return data.mean(block)[0] + 2 * strength * v
 
     x, r = torch.zeros_like(theta), -grad
     d, rr = r.clone(), float((r * r).sum())
@@ -74,7 +83,6 @@ def _newton_direction(phi, target, strength, theta, grad, max_iters=500):
     return x
 
 
-def ascent_step(phi: torch.Tensor, residuals: torch.Tensor, theta: torch.Tensor, step: float):
+def ascent_step(mean_gradient: torch.Tensor, theta: torch.Tensor, step: float):
     """Theta* = Theta + step * mean training gradient (Sui Eq. 10), float64 (C, Dp)."""
-    grad = residuals.double().T @ phi.double() / phi.shape[0]
-    return theta.double() + step * grad
+    return theta.double() + step * mean_gradient
