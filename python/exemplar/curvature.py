@@ -319,8 +319,7 @@ class LowRankEigenbasis(Curvature):
             m = int(within[0]) if len(within) else len(S)
         else:
             m = min(rank, len(S))
-        # contiguous as saved state is, so a loaded Attributor scores bit for bit the same
-        return cls(*(x.to(dtype).contiguous() for x in (qg, qa, (U[:, :m] * S[:m]).T, Vh[:m])))
+        return cls(*(x.to(dtype) for x in (qg, qa, (U[:, :m] * S[:m]).T, Vh[:m])))
 
     @staticmethod
     def shapes(C, Dp):
@@ -435,6 +434,16 @@ def mean_sq_norm(phi: torch.Tensor) -> torch.Tensor:
 
 
 def build(curvature: str, damping: float, kfac_damping: str, data: Statistics, rank=None):
+    """The damped inverse curvature of these settings, fitted on `data`; its
+    tensors contiguous, as saved state holds them, so a curvature reloaded
+    from a file or a store scores bit for bit the same."""
+    fitted = _build(curvature, damping, kfac_damping, data, rank)
+    for name, value in vars(fitted).items():
+        setattr(fitted, name, value.contiguous())
+    return fitted
+
+
+def _build(curvature, damping, kfac_damping, data, rank):
     if curvature == "identity":
         return Identity.fit(damping, data.dtype, data.device)
     if curvature == "exact":

@@ -46,7 +46,7 @@ class StoreError(ValueError):
 def _write_atomic(path: Path, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file and a rename, so
     `path` holds either its old content or all of the new."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # own name: ranks may write the same file
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -175,9 +175,6 @@ def check_shard(path: Path, manifest: dict, shard: dict) -> None:
         raise StoreError(f"store {path}: shard {shard['file']} is missing") from None
     except (OSError, ValueError) as err:
         raise StoreError(f"store {path}: shard {shard['file']} is unreadable: {err}") from None
-    if size != shard["bytes"]:
-        raise StoreError(f"store {path}: shard {shard['file']} has {size} bytes, the manifest says "
-                         f"{shard['bytes']} (truncated or replaced)")
     if header is None:
         raise StoreError(f"store {path}: shard {shard['file']} has no safetensors header")
     want = {"features": ([shard["rows"], manifest["D"]], manifest["dtype"]),
@@ -190,6 +187,9 @@ def check_shard(path: Path, manifest: dict, shard: dict) -> None:
             raise StoreError(f"store {path}: shard {shard['file']} holds {name} as {got}, but the manifest "
                              f"(D={manifest['D']}, C={manifest['C']}, {manifest['dtype']}, "
                              f"rows={shard['rows']}) says {(shape, dtype)}: the manifest is from another store")
+    if size != shard["bytes"]:
+        raise StoreError(f"store {path}: shard {shard['file']} has {size} bytes, the manifest says "
+                         f"{shard['bytes']} (truncated or replaced)")
 
 
 def read_manifest(path: Path) -> dict:
@@ -239,6 +239,8 @@ class StoreWriter:
                                      "path (nothing was changed)")
             for shard in self.manifest["shards"]:
                 check_shard(self.path, self.manifest, shard)
+            for stale in self.path.glob("*.tmp"):  # what a killed writer was writing
+                stale.unlink()
         else:
             if self.path.exists() and any(self.path.iterdir()):
                 raise StoreError(f"{self.path} exists and is not a store: refusing to write into it")
