@@ -17,3 +17,9 @@ def test_in_memory_rss_smoke():
     out = subprocess.run([sys.executable, str(HERE / "in_memory_rss.py"), "--smoke"],
                          capture_output=True, text=True, check=True).stdout
     assert '"path": "general"' in out
+
+
+def test_scale_out_smoke():
+    out = subprocess.run([sys.executable, str(HERE / "scale_out.py"), "--smoke"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "2 processes x 1 thread" in out and "1 process x 2 threads" in out
