@@ -14,14 +14,7 @@ import time
 import torch
 
 import exemplar
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+from workloads import status_bytes
 
 
 def main():

@@ -25,15 +25,8 @@ from pathlib import Path
 import torch
 
 import exemplar
+from workloads import status_bytes
 from exemplar.store import Store, StoreWriter
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def phase(name, fn, **extra):

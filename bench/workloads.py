@@ -29,3 +29,12 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """a, b (T, k) training indices, distinct per row -> the fraction of a's
     entries that b's row also holds."""
     return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum()) / a.numel()
+
+
+def status_bytes(field: str) -> int:
+    """A /proc/self/status field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)

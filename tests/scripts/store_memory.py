@@ -4,6 +4,7 @@ rows, or, as the control, over the same rows loaded in memory (argv[1] is
 "store" or "memory"). The caller sets MALLOC_MMAP_THRESHOLD_ so freed shards
 go back to the OS; writing 5 to /proc/self/clear_refs resets VmHWM."""
 import json
+import pathlib
 import sys
 
 import torch
@@ -11,13 +12,8 @@ import torch
 import exemplar
 from exemplar.store import StoreWriter
 
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+from peak_memory import status_bytes  # noqa: E402
 
 
 def main(kind: str, N: int, path: str) -> None:
