@@ -42,7 +42,7 @@ def main():
         start = time.perf_counter()
         attr = exemplar.Attributor(train, curvature="kfac", kfac_damping=kfac_damping, progress=False)
         fit = time.perf_counter() - start
-        attr.topk(exemplar.LastLayerData(test.features[:1], test.logits[:1]), 10, "theta_relatif")
+        attr.topk(test[:1], 10, "theta_relatif")
         start = time.perf_counter()
         attr.topk(test, 10, "theta_relatif")
         query = time.perf_counter() - start

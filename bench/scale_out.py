@@ -44,7 +44,7 @@ def timed(store, T, distributed):
     attr = exemplar.Attributor(store, curvature="kfac", kfac_damping="factored", distributed=distributed,
                                progress=False)
     fit = time.perf_counter() - start
-    attr.topk(exemplar.LastLayerData(test.features[:1], test.logits[:1]), K, "theta_relatif")  # normalisers
+    attr.topk(test[:1], K, "theta_relatif")  # normalisers
     start = time.perf_counter()
     attr.topk(test, K, "theta_relatif")
     return fit, time.perf_counter() - start

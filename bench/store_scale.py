@@ -89,7 +89,7 @@ def main():
 
     memory = exemplar.LastLayerData(*chunk(0, args.memory_rows, D, C, head))
     attr, _ = phase("memory fit", lambda: exemplar.Attributor(memory, **settings), rows=args.memory_rows)
-    one = exemplar.LastLayerData(test_f[:1], test_z[:1])
+    one = test[:1]
     phase("memory normalisers", lambda: attr.topk(one, k, "theta_relatif"))
     _, seconds = phase("memory query", lambda: attr.topk(test, k, "theta_relatif"))
     memory_rate = args.memory_rows * T / seconds

@@ -268,3 +268,13 @@ def test_a_store_test_set_of_another_width_is_refused(small_store):
         attr.topk(make_data(3, 3, 5, seed=1, labels=False), 2)
     with pytest.raises(ValueError, match=r"state_dict\(\) saves an in-memory Attributor"):
         attr.state_dict()
+
+
+def test_features_too_large_for_the_dtype_are_refused_from_the_manifest(tmp_path):
+    data = make_data(40, 3, 4, dtype=torch.float32, seed=9)
+    features = data.features.clone()
+    features[33] = 1e19  # finite, but its squared norm overflows float32
+    store = write_store(exemplar.LastLayerData(features, data.logits, data.labels), tmp_path / "s", shard_rows=16)
+    with pytest.raises(ValueError, match=r"features \(shard shard-00002.safetensors\) are too large for "
+                                         r"torch.float32.*write the store in float64"):
+        exemplar.Attributor(store.path)

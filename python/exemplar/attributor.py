@@ -18,11 +18,12 @@ import torch
 from . import curvature as curv
 from . import methods, ops
 from .blocks import Block, MemoryColumns, TensorBlocks, block_rows, merge_topk
-from .data import LastLayerData
+from .data import LastLayerData, check_magnitude, largest_sq_norm
 from .distributed import ProcessGroup
 from .jobs import ResultFolder, tensor_checksum
 from .methods import Query, TrainOperands
 from .progress import Progress
+from .store import Store
 
 METHODS = methods.names()
 INFLUENCE_METHODS = methods.names("influence")
@@ -55,16 +56,7 @@ def _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, rank=N
 
 
 def _check_magnitude(name: str, features: torch.Tensor) -> None:
-    """Every score multiplies features by features (kNN distances, gradient dot
-    products, Gram blocks): refuse rows whose squared norm the dtype cannot hold."""
-    if features.numel() == 0:
-        return
-    limit = torch.finfo(features.dtype).max / 16
-    largest = float(torch.linalg.vector_norm(features, dim=1).max().double() ** 2)  # inf when it overflows
-    if largest > limit:
-        raise ValueError(f"{name} are too large for {features.dtype}: the largest squared row norm is "
-                         f"{largest:.3g}, beyond {limit:.3g}, so scores would overflow; pass float64 "
-                         "features or rescale them")
+    check_magnitude(name, largest_sq_norm(features), features.dtype, "pass float64 features or rescale them")
 
 
 # Tensors the Attributor caches for every method, as methods.Method.saved.
@@ -154,14 +146,13 @@ class Attributor:
                  weight: torch.Tensor | None = None, rps_lambda: float = 1e-3,
                  lje_step: float = 1e-3, rank: int | str | None = None, distributed: bool = False,
                  progress: bool | None = None):
-        from .store import Store
         if isinstance(train, (str, os.PathLike)):
             train = Store(train)
         if not isinstance(train, (LastLayerData, Store)):
             raise TypeError(f"train must be a LastLayerData or an exemplar.Store, got {type(train).__name__}")
         if len(train) == 0:
             raise ValueError("train is empty: the training set needs at least one example (N >= 1)")
-        if train.labels is None:
+        if isinstance(train, LastLayerData) and train.labels is None:  # a store always holds them
             raise ValueError("train.labels is None: training examples need their labels")
         _check_config(curvature, damping, kfac_damping, rps_lambda, lje_step, rank)
         if train.num_features == 0 and not (isinstance(bias, torch.Tensor) or bias):
@@ -169,14 +160,16 @@ class Attributor:
         if isinstance(train, LastLayerData):
             _check_magnitude("features", train.features)
         else:
-            train.check_magnitude(torch.finfo(train.dtype).max / 16)
+            largest, shard = train.largest_sq_norm()
+            check_magnitude(f"features (shard {shard})", largest, train.dtype,
+                            "write the store in float64 or rescale the features")
         config = dict(curvature=curvature, damping=float(damping), kfac_damping=kfac_damping,
                       rps_lambda=float(rps_lambda), lje_step=float(lje_step),
                       bias=bool(isinstance(bias, torch.Tensor) or bias), rank=rank)
         self._setup(train, config, None, distributed, progress)
         self.theta = self._theta_from_layer(weight, bias)
         if isinstance(train, Store):
-            self._columns = train.columns(self._fit_tag(config, self.theta), self._group.rank == 0)
+            self._columns = train.columns(self._fit_tag(), self._group.rank == 0)
         fitted = self._columns.load_fitted()
         if fitted is not None:
             self._restore_fitted(*fitted)
@@ -185,7 +178,6 @@ class Attributor:
             self._save_fitted()
 
     def _setup(self, train, config, theta, distributed=False, progress=None):
-        from .store import Store
         self.train = train
         self.config = config
         self.bias = config["bias"]
@@ -197,7 +189,7 @@ class Attributor:
         self._group = ProcessGroup.default() if distributed else ProcessGroup.single()
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         if isinstance(train, Store):
-            self._blocks = train.blocks(self.device)
+            self._blocks = train.blocks()
             self._group.check_same(train.fingerprint(), "store")
             self._columns = None  # the store's, once the layer is known (__init__)
         else:
@@ -210,11 +202,11 @@ class Attributor:
         self._curvatures: dict = {}  # methods' extra curvatures by name, e.g. at RPS-LJE's Theta*
         self._buffer, self._buffer_busy = None, False
 
-    def _fit_tag(self, config, theta) -> str:
+    def _fit_tag(self) -> str:
         """What a store's saved fits depend on: the settings and the layer."""
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-        if theta is not None:
-            digest.update(theta.cpu().numpy().tobytes())
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        if self.theta is not None:
+            digest.update(self.theta.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def _fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -413,10 +405,7 @@ class Attributor:
         IF family: positive = helpful (up-weighting i lowers the test loss).
         RPS: i's contribution to the explained logit. kNN: -|f_t - f_i|^2."""
         m, q = methods.get(method), self.query(test, method)
-        out = torch.zeros(len(test), self.num_train, dtype=self.dtype, device=self.device)
-        for rows in self._rows(self._own_blocks(), f"scores {method}"):
-            out[:, rows.start:rows.start + len(rows)] = q.scores(m.operands(self, rows))
-        return self._group.all_sum((out,))[0]  # each rank filled its own columns
+        return self._per_row(f"scores {method}", (len(test),), lambda rows: q.scores(m.operands(self, rows)))
 
     def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True,
              out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024):
@@ -435,24 +424,22 @@ class Attributor:
             raise TypeError(f"largest must be True or False, got {largest!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.query(test, method)  # checks the test set and the method before any work
+        methods.get(method)  # the method and the test set are checked before any work
+        self._check_test(test)
         if out is None:
             return self._topk(test, k, method, largest, split)
         if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
             raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
         settings = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
                         test=tensor_checksum(test.features, test.logits, test.labels), N=self.num_train,
-                        attributor=self._fit_tag(self.config, self.theta))
+                        attributor=self._fit_tag())
         folder = ResultFolder(out, settings, writer=self._group.rank == 0)
         parts, blocks = [], range(0, len(test), test_rows)
         bar = Progress(f"topk {method} job", len(blocks), self.progress)
         for b, t0 in enumerate(blocks):
             done = folder.load(b)
             if done is None:
-                rows = slice(t0, t0 + test_rows)
-                part = LastLayerData(test.features[rows], test.logits[rows],
-                                     None if test.labels is None else test.labels[rows])
-                values, indices = self._topk(part, k, method, largest, split, label="")
+                values, indices = self._topk(test[t0:t0 + test_rows], k, method, largest, split, label="")
                 done = {"values": values, "indices": indices}
                 folder.save(b, done)
             parts.append((done["values"].to(self.device), done["indices"].to(self.device)))
@@ -462,9 +449,7 @@ class Attributor:
 
     def _topk(self, test, k, method, largest, split="train", label=None):
         if split == "test" and self._group.world > 1:
-            share = self._group.share(len(test))
-            part = LastLayerData(test.features[share], test.logits[share],
-                                 None if test.labels is None else test.labels[share])
+            part = test[self._group.share(len(test))]
             values, indices = self._topk_over(part, k, method, largest, range(len(self._blocks)), label)
             return self._group.gather_rows(values, len(test)), self._group.gather_rows(indices, len(test))
         best = self._topk_over(test, k, method, largest, self._own_blocks(), label)
@@ -476,26 +461,27 @@ class Attributor:
         for rows in self._rows(blocks, f"topk {method}" if label is None else (label or None)):
             values, indices = q.topk(m.operands(self, rows), min(k, len(rows)), largest)
             part = (values, indices + rows.start)
-            best = part if best is None and len(rows) >= k else merge_topk(
-                [part] if best is None else [best, part], k, largest)
+            best = part if best is None else merge_topk([best, part], k, largest)
         return best
 
     def total_scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass."""
         m, q = methods.get(method), self.query(test, method)
-        out = torch.zeros(self.num_train, dtype=self.dtype, device=self.device)
-        for rows in self._rows(self._own_blocks(), f"total_scores {method}"):
-            out[rows.start:rows.start + len(rows)] = q.total(m.operands(self, rows))
-        return self._group.all_sum((out,))[0]
+        return self._per_row(f"total_scores {method}", (), lambda rows: q.total(m.operands(self, rows)))
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own
         label; large values flag examples the model finds hard or mislabelled
         (for RPS, rank by the absolute value). kNN: 0 by definition."""
         m = methods.get(method)
-        out = torch.zeros(self.num_train, dtype=self.dtype, device=self.device)
-        for rows in self._rows(self._own_blocks(), f"self_influence {method}"):
-            out[rows.start:rows.start + len(rows)] = m.self_influence(self, rows)
+        return self._per_row(f"self_influence {method}", (), lambda rows: m.self_influence(self, rows))
+
+    def _per_row(self, label: str, leading: tuple[int, ...], fn) -> torch.Tensor:
+        """(*leading, N): fn(rows) (*leading, b) for every block, each rank filling
+        its own blocks' columns and the sum over ranks joining them."""
+        out = torch.zeros(*leading, self.num_train, dtype=self.dtype, device=self.device)
+        for rows in self._rows(self._own_blocks(), label):
+            out[..., rows.start:rows.start + len(rows)] = fn(rows)
         return self._group.all_sum((out,))[0]
 
     # ---------------------------------------------------------------- state

@@ -61,7 +61,7 @@ def merge_topk(parts, k: int, largest: bool):
     values = torch.cat([v for v, _ in parts], 1)
     indices = torch.cat([i for _, i in parts], 1)
     # Three stable sorts, least significant key first: index, value, is-NaN.
-    keys = ((lambda v, i: i, False), (lambda v, i: v.nan_to_num(nan=0.0, posinf=torch.inf, neginf=-torch.inf), largest),
+    keys = ((lambda v, i: i, False), (lambda v, i: v.masked_fill(v.isnan(), 0), largest),
             (lambda v, i: v.isnan().to(torch.uint8), False))
     for key, descending in keys:
         order = torch.sort(key(values, indices), dim=1, descending=descending, stable=True).indices

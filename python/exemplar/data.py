@@ -27,6 +27,23 @@ def check_labels_in_range(labels: torch.Tensor, C: int, bound: str = "C") -> Non
         raise ValueError(f"labels must be in [0, {bound}) = [0, {C}), got labels[{i}]={int(labels[i])}")
 
 
+def largest_sq_norm(features: torch.Tensor) -> float:
+    """max_i |f_i|^2 over rows (n, D), from row norms squared in float64: inf when
+    it overflows even there; 0 for no rows."""
+    if features.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(features, dim=1).max().double() ** 2)
+
+
+def check_magnitude(name: str, largest: float, dtype: torch.dtype, remedy: str) -> None:
+    """Every score multiplies features by features (kNN distances, gradient dot
+    products, Gram blocks): refuse a largest squared row norm the dtype cannot hold."""
+    limit = torch.finfo(dtype).max / 16
+    if largest > limit:
+        raise ValueError(f"{name} are too large for {dtype}: the largest squared row norm is "
+                         f"{largest:.3g}, beyond {limit:.3g}, so scores would overflow; {remedy}")
+
+
 def integer_labels(labels, where: str = "") -> torch.Tensor:
     """labels (an int, a sequence or a tensor of class indices) as int64; floats
     and bools are refused rather than truncated."""
@@ -96,6 +113,13 @@ class LastLayerData:
     @property
     def device(self) -> torch.device:
         return self.features.device
+
+    def __getitem__(self, rows: slice) -> "LastLayerData":
+        """The examples in `rows` (a slice), as views."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"LastLayerData takes a slice of rows, got {type(rows).__name__}")
+        return LastLayerData(self.features[rows], self.logits[rows],
+                             None if self.labels is None else self.labels[rows])
 
     def explained_labels(self) -> torch.Tensor:
         """The labels whose gradients are explained: the given ones, else the predictions."""

@@ -135,9 +135,9 @@ class LastLayer:
         shard by shard (`shard_rows` rows each, one shard in memory). Rerun with
         the same arguments after an interrupt, it continues from the last
         complete shard without rerunning the model on the rows before it."""
-        _check_fixed_order(loader)
+        order = _fixed_order(loader)
         if store is None:
-            parts = list(self._batches(loader, progress))
+            parts = [batch for _, batch in self._batches(loader, progress)]
             if not parts:
                 raise ValueError("loader yielded no batches")
             if any(y is None for *_, y in parts) and any(y is not None for *_, y in parts):
@@ -145,9 +145,8 @@ class LastLayer:
             labels = [y for *_, y in parts]
             return LastLayerData(torch.cat([x for x, _, _ in parts]), torch.cat([z for _, z, _ in parts]),
                                  None if labels[0] is None else torch.cat(labels))
-        order = _dataset_order(loader)
         writer = None
-        for start, (x, z, y) in self._batches(loader, progress, positions=True, skip=lambda: writer):
+        for start, (x, z, y) in self._batches(loader, progress, skip=lambda: writer):
             if y is None:
                 raise ValueError("a store holds training data: the loader's batches need labels")
             if writer is None:
@@ -167,10 +166,9 @@ class LastLayer:
             raise ValueError("loader yielded no batches")
         return writer.finish()
 
-    def _batches(self, loader, progress, positions=False, skip=None):
-        """Yields (features, logits, labels or None) per batch, or with
-        positions=True (first row's position, (features, logits, labels)).
-        Once skip() returns a store writer, batches wholly before its
+    def _batches(self, loader, progress, skip=None):
+        """Yields (first row's position, (features, logits, labels or None)) per
+        batch. Once skip() returns a store writer, batches wholly before its
         rows_done are passed over without running the model."""
         captured = {}
 
@@ -205,7 +203,7 @@ class LastLayer:
                                          "exemplar explains one prediction per example, so it must "
                                          "see (batch, D)")
                     labels = None if y is None else integer_labels(y, f" in batch {i}").to(self.device)
-                    yield (start, (x, z, labels)) if positions else (x, z, labels)
+                    yield start, (x, z, labels)
                     start += x.shape[0]
                     bar.update()
         finally:
@@ -223,33 +221,29 @@ def _batch_rows(inputs, labels) -> int | None:
     return None
 
 
-def _dataset_order(loader) -> list[int] | None:
-    """The dataset indices a loader visits, in order, when its sampler says so."""
-    sampler = getattr(loader, "sampler", None)
-    if sampler is None or isinstance(sampler, torch.utils.data.SequentialSampler):
-        return None
-    try:
-        return [int(i) for i in sampler]
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_fixed_order(loader) -> None:
+def _fixed_order(loader) -> list[int] | None:
     """Returned indices are positions in the loader's order, so that order must
-    be the same on every pass: refuse shuffling samplers."""
+    be the same on every pass: refuse shuffling samplers. Returns the dataset
+    indices the sampler visits, or None when that is the dataset's own order
+    (or the sampler does not yield indices)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", batch_sampler)
     if sampler is None:
         sampler = getattr(loader, "sampler", None)
     if sampler is None or isinstance(sampler, torch.utils.data.SequentialSampler):
-        return
+        return None
     if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
-        return
-    if list(iter(sampler)) != list(iter(sampler)):
+        return None
+    order = list(iter(sampler))
+    if order != list(iter(sampler)):
         raise ValueError(f"the loader's {type(sampler).__name__} visits the data in an order that changes from "
                          "one pass to the next (shuffle=True or a random sampler), so returned indices could "
                          "not be mapped back to examples; use DataLoader(dataset, shuffle=False) or a "
                          "sampler with a fixed order")
+    try:
+        return [int(i) for i in order]
+    except (TypeError, ValueError):  # a sampler of batches or keys, not of indices
+        return None
 
 
 def _describe_structured(model_output, layer_output, name: str) -> str:

@@ -29,7 +29,7 @@ from safetensors.torch import save as save_bytes
 
 from . import _C
 from .blocks import Block
-from .data import FLOAT_DTYPES, LastLayerData, check_labels_in_range
+from .data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, largest_sq_norm
 
 FORMAT = "exemplar-store"
 VERSION = 1
@@ -86,10 +86,6 @@ class Store:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    @property
-    def labels(self) -> bool:
-        return True  # every store holds its labels
-
     def __repr__(self) -> str:
         return (f"Store({str(self.path)!r}, N={len(self)}, D={self.num_features}, C={self.num_classes}, "
                 f"{_dtype_name(self.dtype)}, {len(self.sizes)} shards)")
@@ -98,15 +94,13 @@ class Store:
         """Names this store's content: its manifest's checksums and shapes."""
         return f"{self.path.name}:{zlib.crc32(_manifest_bytes(self.manifest)):08x}"
 
-    def check_magnitude(self, limit: float) -> None:
+    def largest_sq_norm(self) -> tuple[float, str]:
+        """(max_i |f_i|^2, the shard holding it), from the manifest: no data read."""
         worst = max(self.manifest["shards"], key=lambda s: s["max_sq_norm"])
-        if worst["max_sq_norm"] > limit:
-            raise ValueError(f"features are too large for {self.dtype}: shard {worst['file']} has a squared row "
-                             f"norm of {worst['max_sq_norm']:.3g}, beyond {limit:.3g}, so scores would overflow; "
-                             "write the store in float64 or rescale the features")
+        return worst["max_sq_norm"], worst["file"]
 
-    def blocks(self, device=None) -> "StoreBlocks":
-        return StoreBlocks(self, self.device if device is None else torch.device(device))
+    def blocks(self) -> "StoreBlocks":
+        return StoreBlocks(self)
 
     def columns(self, tag: str, writer: bool) -> "StoreColumns":
         return StoreColumns(self, tag, writer)
@@ -135,8 +129,8 @@ class Store:
 class StoreBlocks:
     """A store's shards as the Attributor's blocks."""
 
-    def __init__(self, store: Store, device: torch.device):
-        self.store, self.device = store, device
+    def __init__(self, store: Store):
+        self.store, self.device = store, store.device
         self.sizes, self.starts, self.max_rows = store.sizes, store.starts, store.max_rows
 
     def __len__(self) -> int:
@@ -294,7 +288,7 @@ class StoreWriter:
                            "labels": labels.contiguous(), "index": index.contiguous()})
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
         _write_atomic(self.path / name, data)
-        sq = float(torch.linalg.vector_norm(features, dim=1).double().square().max()) if rows else 0.0
+        sq = largest_sq_norm(features)
         self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
                                         "crc32": f"{zlib.crc32(data):08x}", "max_sq_norm": sq})
         _write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
