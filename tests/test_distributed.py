@@ -26,8 +26,8 @@ def make_inputs():
 def results(attr, test, split="train"):
     out = {}
     for method in exemplar.METHODS:
-        out[f"{method}.topk"] = attr.topk(test, 6, method, split=split)
-        out[f"{method}.bottom"] = attr.topk(test, 6, method, largest=False, split=split)
+        out[f"{method}.topk"] = tuple(attr.topk(test, 6, method, split=split))  # plain tuples: torch.load reads them
+        out[f"{method}.bottom"] = tuple(attr.topk(test, 6, method, largest=False, split=split))
         out[f"{method}.scores"] = attr.scores(test, method)
         out[f"{method}.self"] = attr.self_influence(method)
     return out
@@ -44,7 +44,7 @@ def worker(rank, world, init, stores, answer):
         except ValueError as err:
             torch.save(str(err), f"{answer}.{rank}")
             return
-        got = {"train": results(attr, test), "test": {k: attr.topk(test, 6, k.split(".")[0], split="test")
+        got = {"train": results(attr, test), "test": {k: tuple(attr.topk(test, 6, k.split(".")[0], split="test"))
                                                     for k in ("if.topk", "theta_relatif.topk")}}
         torch.save(got, f"{answer}.{rank}")
     finally:

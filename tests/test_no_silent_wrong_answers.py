@@ -475,19 +475,37 @@ class EndsInSoftmax(ReturnsTuple):
         return torch.softmax(self.fc(x), dim=1)
 
 
+class ReturnsTwoCopies(ReturnsTuple):
+    def forward(self, x):
+        z = self.fc(x)
+        return z, z.clone()
+
+
+class ReturnsProbabilities(ReturnsTuple):
+    def forward(self, x):
+        return {"probs": torch.softmax(self.fc(x), dim=1)}
+
+
+@pytest.mark.parametrize("model", [ReturnsTuple(), ReturnsDict(), ReturnsNamedTuple()])
+def test_structured_outputs_find_their_logits(model):
+    x = torch.randn(5, 4)
+    data = exemplar.LastLayer(model).collect([x], progress=False)
+    torch.testing.assert_close(data.logits, model.fc(x).detach())
+
+
 @pytest.mark.parametrize("model,message,fix", [
-    (ReturnsTuple(), r"the model returns a tuple of 2.*output=0", 0),
-    (ReturnsDict(), r"the model returns a dict with keys \['logits', 'hidden'\].*output='logits'", "logits"),
-    (ReturnsNamedTuple(), r"the model returns a Pair.*output='logits'", "logits"),
-    (EndsInSoftmax(), r"'fc' is the last module to run.*changes its output.*layer='fc'", None),
+    (ReturnsTwoCopies(), r"the model returns a tuple of 2 elements, and its elements \[0, 1\] all equal.*"
+                         r"LastLayer\(model, output=0\)", {"output": 0}),
+    (ReturnsProbabilities(), r"returns a dict with keys \['probs'\], and none of its elements.*"
+                             r"LastLayer\(model, layer='fc', output=\"logits\"\)", {"layer": "fc"}),
+    (EndsInSoftmax(), r"'fc' is the last module to run.*changes its output.*layer='fc'", {"layer": "fc"}),
 ])
 def test_output_check_says_what_it_found(model, message, fix):
     x = torch.randn(5, 4)
     with pytest.raises(ValueError, match=message) as err:
         exemplar.LastLayer(model).collect([x], progress=False)
     assert "is not nn.Linear" not in str(err.value)
-    kwargs = {"layer": "fc"} if fix is None else {"output": fix}
-    data = exemplar.LastLayer(model, **kwargs).collect([x], progress=False)
+    data = exemplar.LastLayer(model, **fix).collect([x], progress=False)
     torch.testing.assert_close(data.logits, model.fc(x).detach())
 
 

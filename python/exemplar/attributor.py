@@ -11,19 +11,21 @@ import hashlib
 import json
 import math
 import os
-import sys
 
 import torch
 
 from . import curvature as curv
-from . import methods, ops
+from . import methods, ops, saved
 from .blocks import Block, MemoryColumns, TensorBlocks, block_rows, merge_topk
-from .data import LastLayerData, check_magnitude, largest_sq_norm
+from .data import LastLayerData, as_last_layer_data, check_magnitude, largest_sq_norm
 from .distributed import ProcessGroup
 from .jobs import ResultFolder, tensor_checksum
 from .methods import Query, TrainOperands
 from .progress import Progress
+from .results import Explanation, TopK
 from .store import Store
+
+FORMAT = "exemplar.Attributor/1"
 
 METHODS = methods.names()
 INFLUENCE_METHODS = methods.names("influence")
@@ -187,7 +189,7 @@ class Attributor:
         self.num_train, self.num_classes, self.num_features = len(train), train.num_classes, train.num_features
         self.dtype, self.device = train.dtype, train.device
         self._group = ProcessGroup.default() if distributed else ProcessGroup.single()
-        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        self.progress = progress  # None: Progress shows it only on a terminal
         if isinstance(train, Store):
             self._blocks = train.blocks()
             self._group.check_same(train.fingerprint(), "store")
@@ -277,7 +279,7 @@ class Attributor:
 
     def _rows(self, indices, label: str | None, reuse: bool = True):
         """Rows of the blocks numbered `indices`, with a progress line when `label`."""
-        bar = Progress(label or "", len(indices), self.progress and label is not None)
+        bar = Progress(label or "", len(indices), False if label is None else self.progress)
         # A pass nested in another (a fit on first use inside a query) gets no
         # buffer: the outer pass's rows still point into it.
         reuse = reuse and self.bias and not self._buffer_busy
@@ -379,12 +381,13 @@ class Attributor:
         curvature.General(S (T, C', Dp')) or curvature.Rank1(alpha (T, C'),
         beta (T, Dp')). `query.topk(self.prepare(method), k)` is `topk`."""
         m = methods.get(method)
-        self._check_test(test)
-        return m.query(self, test)
+        return m.query(self, self.check_test(test))
 
-    def _check_test(self, test) -> None:
-        if not isinstance(test, LastLayerData):
-            raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
+    def check_test(self, test) -> LastLayerData:
+        """test (a LastLayerData or a DataLoader of (features, logits[, labels])
+        batches) as one LastLayerData, checked against the training set: D, C,
+        dtype, device and magnitude; the error names what differs."""
+        test = as_last_layer_data(test)
         D = self.num_features
         if test.features.shape[1] != D:
             raise ValueError(f"test.features must have shape (T, D) with D={D} like train.features, "
@@ -397,22 +400,33 @@ class Attributor:
         if test.features.device != self.device:
             raise ValueError(f"test is on {test.features.device} but train is on {self.device}")
         _check_magnitude("test.features", test.features)
+        return test
 
     # ---------------------------------------------------------------- API
 
-    def scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
+    def scores(self, test, method: str = "if") -> torch.Tensor:
         """(T, N): score(t, i) of every training example for every test example.
-        IF family: positive = helpful (up-weighting i lowers the test loss).
-        RPS: i's contribution to the explained logit. kNN: -|f_t - f_i|^2."""
-        m, q = methods.get(method), self.query(test, method)
+
+        test: a LastLayerData, or a DataLoader (any iterable) of (features,
+        logits[, labels]) batches; labels name the class to explain (default:
+        each prediction). method: a name in exemplar.METHODS (the built-in
+        ones of docs/design.md §1, or a registered one). Units: IF family, the change
+        in the test loss when example i is up-weighted (positive = helpful:
+        up-weighting lowers the loss); the RelatIF variants divide it by a
+        norm of i's own influence, so they are unitless; grad_cos is a cosine
+        in [-1, 1]; RPS, i's contribution to the explained logit; kNN,
+        -|f_t - f_i|^2."""
+        m, test = methods.get(method), self.check_test(test)
+        q = m.query(self, test)
         return self._per_row(f"scores {method}", (len(test),), lambda rows: q.scores(m.operands(self, rows)))
 
-    def topk(self, test: LastLayerData, k: int, method: str = "if", largest: bool = True,
-             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024):
-        """(values, indices), each (T, k), best first: the k most helpful training
-        examples per test example, or with largest=False the k most harmful
-        (opponents). Never builds the (T, N) matrix. Indices are rows of the
-        training set (positions in the store). out: a folder for a resumable
+    def topk(self, test, k: int, method: str = "if", largest: bool = True,
+             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024) -> TopK:
+        """TopK(values, indices), each (T, k), best first: the k most helpful
+        training examples per test example, or with largest=False the k most
+        harmful (opponents). Never builds the (T, N) matrix. test and method
+        as for scores(). Indices are rows of the training set (positions in
+        the LastLayerData or the store). out: a folder for a resumable
         job: results are written per block of `test_rows` tests, and a rerun
         with the same arguments skips the blocks already there. split (with
         distributed=True): "train" gives each rank its own training blocks,
@@ -425,9 +439,9 @@ class Attributor:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         methods.get(method)  # the method and the test set are checked before any work
-        self._check_test(test)
+        test = self.check_test(test)
         if out is None:
-            return self._topk(test, k, method, largest, split)
+            return TopK(*self._topk(test, k, method, largest, split))
         if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
             raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
         settings = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
@@ -445,7 +459,17 @@ class Attributor:
             parts.append((done["values"].to(self.device), done["indices"].to(self.device)))
             bar.update()
         bar.close()
-        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+        return TopK(torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts]))
+
+    def explain(self, test, k: int = 5, method: str = "if", opponents: int = 0) -> Explanation:
+        """An Explanation of each test prediction: its k top proponents by
+        `method` and, with opponents=m > 0, its m top opponents (the most
+        negative scores). test and method as for scores()."""
+        if isinstance(opponents, bool) or not isinstance(opponents, int) or not 0 <= opponents <= self.num_train:
+            raise ValueError(f"opponents must be an integer in [0, N] = [0, {self.num_train}], got {opponents!r}")
+        test = self.check_test(test)
+        against = self.topk(test, opponents, method, largest=False) if opponents else None
+        return Explanation.of(test, self.topk(test, k, method), method, against)
 
     def _topk(self, test, k, method, largest, split="train", label=None):
         if split == "test" and self._group.world > 1:
@@ -464,8 +488,9 @@ class Attributor:
             best = part if best is None else merge_topk([best, part], k, largest)
         return best
 
-    def total_scores(self, test: LastLayerData, method: str = "if") -> torch.Tensor:
-        """(N,): sum over the test set of score(t, i), in one pass."""
+    def total_scores(self, test, method: str = "if") -> torch.Tensor:
+        """(N,): sum over the test set of score(t, i), in one pass (test and
+        method as for scores())."""
         m, q = methods.get(method), self.query(test, method)
         return self._per_row(f"total_scores {method}", (), lambda rows: q.total(m.operands(self, rows)))
 
@@ -507,6 +532,21 @@ class Attributor:
         tensors.update({f"cache.{k}": v for k, v in self._cache.items()})
         tensors.update({f"cache.{k}": v for k, v in self._columns.complete().items()})
         return {k: v.contiguous() for k, v in tensors.items()}, config
+
+    def save(self, path) -> None:
+        """Writes state_dict() to one safetensors file, atomically (exemplar
+        fit on the command line makes these); Attributor.load reads it."""
+        tensors, config = self.state_dict()
+        saved.write(path, tensors, {"format": FORMAT, "attributor": config})
+
+    @classmethod
+    def load(cls, path, progress: bool | None = None) -> "Attributor":
+        """The Attributor saved at `path`, without refitting; the file is read
+        whole and every tensor and setting checked before use."""
+        tensors, meta = saved.read(path, FORMAT, ("attributor",))
+        attr = cls.from_state(tensors, meta["attributor"])
+        attr.progress = progress
+        return attr
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict) -> "Attributor":

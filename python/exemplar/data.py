@@ -124,3 +124,42 @@ class LastLayerData:
     def explained_labels(self) -> torch.Tensor:
         """The labels whose gradients are explained: the given ones, else the predictions."""
         return self.labels if self.labels is not None else self.logits.argmax(dim=1)
+
+
+FIELD_NAMES = ("features", "logits", "labels")
+
+
+def as_last_layer_data(data, name: str = "test") -> LastLayerData:
+    """`data` as one LastLayerData: itself, or the batches of a DataLoader (or
+    any iterable) joined in order, each batch a LastLayerData, a tuple
+    (features, logits[, labels]) or a dict with those keys."""
+    if isinstance(data, LastLayerData):
+        return data
+    if isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{name} must be a LastLayerData or a DataLoader (iterable) of batches "
+                        f"(features, logits[, labels]), got {type(data).__name__}")
+    parts = []
+    for i, batch in enumerate(data):
+        if isinstance(batch, LastLayerData):
+            parts.append(batch)
+            continue
+        if isinstance(batch, dict):
+            missing = [key for key in FIELD_NAMES[:2] if key not in batch]
+            if missing:
+                raise ValueError(f"{name} batch {i} is a dict without {missing}: dict batches need keys "
+                                 f"'features' (n, D), 'logits' (n, C) and optionally 'labels' (n,)")
+            batch = tuple(batch[key] for key in FIELD_NAMES if key in batch)
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise TypeError(f"{name} batch {i} must be (features (n, D), logits (n, C)[, labels (n,)]), "
+                            f"got {type(batch).__name__}"
+                            + (f" of {len(batch)} elements" if isinstance(batch, (tuple, list)) else ""))
+        try:
+            parts.append(LastLayerData(*batch))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name} batch {i}: {err}") from None
+    if not parts:
+        raise ValueError(f"{name} yielded no batches")
+    if len({p.labels is None for p in parts}) > 1:
+        raise ValueError(f"some batches of {name} had labels and some did not")
+    return LastLayerData(torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]),
+                         None if parts[0].labels is None else torch.cat([p.labels for p in parts]))

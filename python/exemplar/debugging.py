@@ -95,7 +95,7 @@ class DebugReport:
 def debug_labels(retrain: Callable[[torch.Tensor], Fit], labels: torch.Tensor, num_classes: int,
                  fraction: float = 0.2, methods=DEBUG_METHODS,
                  checked=tuple(i / 20 for i in range(11)), accuracy_checked=(),
-                 seed: int = 0, progress: bool = True, **attributor_kwargs) -> DebugReport:
+                 seed: int = 0, progress: bool | None = None, **attributor_kwargs) -> DebugReport:
     """Flips `fraction` of `labels`, calls retrain(noisy_labels) -> Fit, ranks the
     training points by each method and reports the fraction of flipped labels
     found per fraction checked. For each fraction in accuracy_checked it fixes

@@ -4,29 +4,18 @@ safetensors (never pickle), and explains test inputs by their top-k training
 examples."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from . import methods
+from . import methods, saved
 from .attributor import Attributor
 from .data import LastLayerData, integer_labels
 from .hooks import LastLayer
+from .results import Explanation
 
 FORMAT = "exemplar.Explainer/1"
-
-
-@dataclass
-class Explanation:
-    indices: torch.Tensor  # (T, k) training indices, best first
-    scores: torch.Tensor  # (T, k)
-    labels: torch.Tensor  # (T,) the explained class of each test
-    predictions: torch.Tensor  # (T,) the model's predicted class
 
 
 class Explainer:
@@ -40,7 +29,7 @@ class Explainer:
 
     def __init__(self, model: nn.Module, train_loader, method: str = "theta_relatif",
                  curvature: str = "kfac", layer: str | nn.Module | None = None,
-                 progress: bool = True, output=None, **attributor_kwargs):
+                 progress: bool | None = None, output=None, **attributor_kwargs):
         methods.get(method)  # an unknown name fails before the training pass
         self.hook = LastLayer(model, layer, output)
         train = self.hook.collect(train_loader, progress)
@@ -53,8 +42,8 @@ class Explainer:
         self.attributor.prepare(method)  # normalisers / RPS fits now, not on the first query
 
     def _test_data(self, test_inputs, labels, progress) -> LastLayerData:
-        batches = [test_inputs] if isinstance(test_inputs, torch.Tensor) else test_inputs
-        data = self.hook.collect(batches, progress)
+        single = isinstance(test_inputs, (torch.Tensor, Mapping))
+        data = self.hook.collect([test_inputs] if single else test_inputs, progress)
         explained = None
         if labels is not None:
             explained = integer_labels(labels).to(data.features.device)
@@ -62,37 +51,34 @@ class Explainer:
         return LastLayerData(data.features, data.logits, explained)
 
     def explain(self, test_inputs, k: int = 5, labels=None, largest: bool = True,
-                progress: bool = False) -> Explanation:
-        """test_inputs: a batch tensor, or a loader of batches (their labels are
-        ignored). labels: None explains each prediction; an int or (T,) tensor
-        explains those classes instead ("why bird and not plane"). largest=False
-        gives the most opposing examples."""
+                progress: bool | None = None, method: str | None = None, opponents: int = 0) -> Explanation:
+        """Explanation of each test prediction by its k top training examples.
+
+        test_inputs: one batch (a tensor, or a dict such as a tokenizer's
+        output) or a loader of batches (their labels are ignored). labels:
+        None explains each prediction; an int or (T,) tensor explains those
+        classes instead ("why bird and not plane"). method: this call's method
+        (default the Explainer's; any of exemplar.METHODS). opponents=m adds
+        the m most opposing examples. largest=False puts the most opposing
+        examples in indices/scores instead."""
+        method = self.method if method is None else method
+        methods.get(method)
         test = self._test_data(test_inputs, labels, progress)
-        scores, indices = self.attributor.topk(test, k, self.method, largest=largest)
-        return Explanation(indices, scores, test.explained_labels(), test.logits.argmax(1))
+        if largest:
+            return self.attributor.explain(test, k, method, opponents)
+        if opponents:
+            raise ValueError("opponents= adds the opponents to the proponents (largest=True); "
+                             "largest=False already returns the opponents in indices/scores")
+        return Explanation.of(test, self.attributor.topk(test, k, method, largest=False), method)
 
     def save(self, path) -> None:
         """Writes the fitted state (training features/logits/labels, layer,
         curvature, normalisers, RPS fits) to one safetensors file, atomically:
         a temporary file beside `path` renamed over it, so a failed save
         leaves any earlier file as it was."""
-        import safetensors.torch
-
         tensors, config = self.attributor.state_dict()
-        meta = {"format": FORMAT, "method": self.method, "layer": self.hook.name, "attributor": config}
-        data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()},
-                                      metadata={"exemplar": json.dumps(meta)})
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        saved.write(path, tensors, {"format": FORMAT, "method": self.method, "layer": self.hook.name,
+                                    "attributor": config})
 
     @classmethod
     def load(cls, path, model: nn.Module, output=None) -> "Explainer":
@@ -100,53 +86,22 @@ class Explainer:
         layer must be the one the state was fitted with. The file is read
         whole and checked (every key, shape, dtype and value) before use, and
         the returned object does not depend on the file afterwards."""
-        import safetensors.torch
-
-        data = Path(path).read_bytes()
+        tensors, meta = saved.read(path, FORMAT, ("method", "layer", "attributor"))
         try:
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8:8 + header_len])
-            tensors = safetensors.torch.load(data)
-        except Exception as err:  # the format's own errors vary by version
-            raise ValueError(f"{path} is not a safetensors file ({err})") from err
-        meta = _metadata(header, path)
+            methods.get(meta["method"])
+        except ValueError as err:
+            raise ValueError(f"{path}: 'method': {err}") from None
+        if not isinstance(meta["layer"], str):
+            raise ValueError(f"{path}: 'layer' must be a module name, got {meta['layer']!r}")
         self = cls.__new__(cls)
         self.hook = LastLayer(model, meta["layer"] or None, output)
         tensors = {k: v.to(self.hook.device) for k, v in tensors.items()}
         theta = self.hook.weight.double()
         if self.hook.bias is not None:
             theta = torch.cat([theta, self.hook.bias.double().view(-1, 1)], 1)
-        saved = tensors.get("theta")
-        if saved is None or saved.shape != theta.shape or not torch.allclose(saved, theta):
+        stored = tensors.get("theta")
+        if stored is None or stored.shape != theta.shape or not torch.allclose(stored, theta):
             raise ValueError(f"model's layer {meta['layer']!r} differs from the one {path} was fitted on")
         self.attributor = Attributor.from_state(tensors, meta["attributor"])
         self.method = meta["method"]
         return self
-
-
-def _metadata(header, path) -> dict:
-    """The 'exemplar' metadata of a safetensors header, checked key by key."""
-    raw = (header.get("__metadata__") or {}).get("exemplar") if isinstance(header, dict) else None
-    if raw is None:
-        raise ValueError(f"{path} is not an exemplar Explainer file (no 'exemplar' metadata)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata 'exemplar' is not valid JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: metadata 'exemplar' must be a JSON object, got {type(meta).__name__}")
-    for key in ("format", "method", "layer", "attributor"):
-        if key not in meta:
-            raise ValueError(f"{path}: missing key '{key}' in metadata 'exemplar'")
-    if meta["format"] != FORMAT:
-        raise ValueError(f"{path} is not an exemplar Explainer file of format {FORMAT!r} "
-                         f"(format {meta['format']!r})")
-    try:
-        methods.get(meta["method"])
-    except ValueError as err:
-        raise ValueError(f"{path}: 'method': {err}") from None
-    if not isinstance(meta["layer"], str):
-        raise ValueError(f"{path}: 'layer' must be a module name, got {meta['layer']!r}")
-    if not isinstance(meta["attributor"], dict):
-        raise ValueError(f"{path}: 'attributor' must be a JSON object, got {type(meta['attributor']).__name__}")
-    return meta

@@ -12,17 +12,29 @@ from .progress import Progress
 from .store import DEFAULT_SHARD_ROWS, StoreWriter
 
 
+LABEL_KEYS = ("labels", "label")
+
+
 def _split_batch(batch):
-    """(inputs tuple, labels or None): a batch is a tensor, or a tuple/list whose
-    last element holds the labels and whose other elements are the model's inputs."""
+    """(positional inputs, keyword inputs, labels or None). A batch is a tensor;
+    a tuple/list whose last element holds the labels and whose other elements
+    are the model's inputs; or a dict (a tokenizer's output) whose "labels"
+    (or "label") entry holds the labels and whose other entries are passed to
+    the model as keyword arguments."""
     if isinstance(batch, torch.Tensor):
-        return (batch,), None
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        labels = [key for key in LABEL_KEYS if key in batch]
+        kwargs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
+        if not kwargs:
+            raise ValueError(f"a dict batch needs model inputs besides its labels, got keys {list(batch)}")
+        return (), kwargs, batch[labels[0]] if labels else None
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return tuple(batch[:-1]), batch[-1]
+        return tuple(batch[:-1]), {}, batch[-1]
     if isinstance(batch, (tuple, list)) and len(batch) == 1:
-        return tuple(batch), None
-    raise TypeError("each batch must be a tensor of inputs or a tuple (inputs..., labels), "
-                    f"got {type(batch).__name__}")
+        return tuple(batch), {}, None
+    raise TypeError("each batch must be a tensor of inputs, a tuple (inputs..., labels) or a dict of "
+                    f"keyword inputs (with 'labels'), got {type(batch).__name__}")
 
 
 def _to(x, device):
@@ -33,12 +45,19 @@ class LastLayer:
     """Finds the classifier's final nn.Linear (or the one named or passed as
     `layer`) and collects its inputs (features) and outputs (logits).
 
-    When the layer is found automatically, the first batch checks that the
-    model's output is that layer's output. For a model that returns a tuple,
-    dict, named tuple or ModelOutput, `output` names the logits in it (an
-    index, a key or attribute name, or a callable taking the output).
+    Batches: a tensor of inputs; a tuple (inputs..., labels); or a dict such
+    as a Hugging Face tokenizer's output, passed to the model as keyword
+    arguments, with its "labels" entry taken as the labels (and not passed).
 
-        hook = exemplar.LastLayer(model)
+    When the layer is found automatically, the first batch checks that the
+    model's output is that layer's output. A model that returns a dict,
+    ModelOutput, named tuple or tuple has its logits found in it (the element
+    equal to the layer's output; "logits" when several are); where that
+    cannot be decided, the error names the argument to pass: `output` (an
+    index, a key or attribute name, or a callable taking the output) and/or
+    `layer` (a module name such as "classifier", or the module).
+
+        hook = exemplar.LastLayer(model)           # transformers: finds "classifier", output "logits"
         train = hook.collect(train_loader)        # LastLayerData
         hook.weight, hook.bias                    # (C, D), (C,) or None
     """
@@ -96,24 +115,30 @@ class LastLayer:
             return getattr(model_output, self.output)
         return model_output[self.output]
 
-    def _check_is_output(self, model_output, layer_output, inputs) -> None:
-        """The found layer's output must be the model's logits; otherwise say
-        what the model returned and which argument picks the right thing."""
+    def _check_is_output(self, model_output, layer_output, args, kwargs) -> None:
+        """The found layer's output must be the model's logits. A model that
+        returns a dict, ModelOutput or tuple has its logits picked out here:
+        the one element equal to the layer's output (the "logits" entry when
+        several are). Otherwise say what the model returned and which
+        argument picks the right thing."""
         if not bool(torch.isfinite(layer_output).all()):
             raise ValueError(f"the model's output contains NaN or inf (layer {self.name!r} produced "
                              "non-finite values on the first batch); check the inputs and the model")
-        selected = self._select_output(model_output)
-        if isinstance(selected, torch.Tensor) and selected.shape == layer_output.shape \
-                and torch.equal(selected, layer_output):
-            return
         if self.output is None and not isinstance(model_output, torch.Tensor):
-            raise ValueError(_describe_structured(model_output, layer_output, self.name))
+            what, items = _elements(model_output)
+            match = [key for key, value in items if _same(value, layer_output)]
+            if len(match) == 1 or "logits" in match:
+                self.output = "logits" if "logits" in match else match[0]
+                return
+            raise ValueError(_no_logits_message(what, match, self.name))
+        if _same(self._select_output(model_output), layer_output):
+            return
         order = []
         leaves = [(n, m) for n, m in self.model.named_modules() if not list(m.children())]
         handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append((n, type(mod).__name__)))
                    for n, m in leaves]
         try:
-            self.model(*inputs)
+            self.model(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -126,9 +151,10 @@ class LastLayer:
         last = f"{order[-1][1]} {order[-1][0]!r}" if order else "not a module"
         raise ValueError(f"the model's output{picked} is not the output of its last nn.Linear {self.name!r}: "
                          f"the last module to run is {last}, so the model's last layer is not "
-                         "nn.Linear. Pass layer= (a name or module) to explain a linear layer anyway")
+                         "nn.Linear. Pass layer= (a name or module) to explain a linear layer anyway, "
+                         f"e.g. LastLayer(model, layer={self.name!r})")
 
-    def collect(self, loader, progress: bool = True, store=None, shard_rows: int = DEFAULT_SHARD_ROWS):
+    def collect(self, loader, progress: bool | None = None, store=None, shard_rows: int = DEFAULT_SHARD_ROWS):
         """Runs the model over `loader` (batches: inputs, or (inputs..., labels))
         and returns the layer's inputs and outputs with the loader's labels:
         a LastLayerData in memory, or with store=PATH an exemplar.Store written
@@ -183,19 +209,20 @@ class LastLayer:
         try:
             with torch.no_grad():
                 for i, batch in enumerate(loader):
-                    inputs, y = _split_batch(batch)
+                    args, kwargs, y = _split_batch(batch)
                     writer = skip() if skip is not None else None
-                    n = _batch_rows(inputs, y)
+                    n = _batch_rows((*args, *kwargs.values()), y)
                     if writer is not None and n is not None and start + n <= writer.rows_done:
                         start += n
                         bar.update()
                         continue
-                    inputs = tuple(_to(x, self.device) for x in inputs)
-                    out = self.model(*inputs)
+                    args = tuple(_to(x, self.device) for x in args)
+                    kwargs = {key: _to(x, self.device) for key, x in kwargs.items()}
+                    out = self.model(*args, **kwargs)
                     if "x" not in captured:
                         raise ValueError(f"layer {self.name!r} did not run in the model's forward")
                     if self._found and first:
-                        self._check_is_output(out, captured["z"], inputs)
+                        self._check_is_output(out, captured["z"], args, kwargs)
                     first = False
                     x, z = captured.pop("x").detach(), captured.pop("z").detach()
                     if x.dim() != 2:
@@ -246,25 +273,27 @@ def _fixed_order(loader) -> list[int] | None:
         return None
 
 
-def _describe_structured(model_output, layer_output, name: str) -> str:
-    """What a model that returns more than a tensor returned, and how to pick its logits."""
-    if isinstance(model_output, Mapping):
-        keys = list(model_output.keys())
-        what = f"a {type(model_output).__name__} with keys {keys}"
-        items = list(model_output.items())
-    elif isinstance(model_output, tuple) and hasattr(model_output, "_fields"):
-        what = f"a {type(model_output).__name__} (a named tuple with fields {list(model_output._fields)})"
-        items = list(zip(model_output._fields, model_output))
-    elif isinstance(model_output, (tuple, list)):
-        what = f"a {type(model_output).__name__} of {len(model_output)} elements"
-        items = list(enumerate(model_output))
-    else:
-        what = f"a {type(model_output).__name__}"
-        items = []
-    match = [key for key, value in items if isinstance(value, torch.Tensor)
-             and value.shape == layer_output.shape and torch.equal(value, layer_output)]
+def _same(value, layer_output) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == layer_output.shape \
+        and torch.equal(value, layer_output)
+
+
+def _elements(model_output) -> tuple[str, list]:
+    """(a description of a structured model output, its (key, value) pairs)."""
+    if isinstance(model_output, Mapping):  # dicts and transformers' ModelOutput
+        return f"a {type(model_output).__name__} with keys {list(model_output.keys())}", list(model_output.items())
+    if isinstance(model_output, tuple) and hasattr(model_output, "_fields"):
+        return (f"a {type(model_output).__name__} (a named tuple with fields {list(model_output._fields)})",
+                list(zip(model_output._fields, model_output)))
+    if isinstance(model_output, (tuple, list)):
+        return f"a {type(model_output).__name__} of {len(model_output)} elements", list(enumerate(model_output))
+    return f"a {type(model_output).__name__}", []
+
+
+def _no_logits_message(what: str, match: list, name: str) -> str:
     if match:
-        return (f"the model returns {what}, not a tensor of logits; the output of {name!r} is its element "
-                f"{match[0]!r}: pass output={match[0]!r}, e.g. LastLayer(model, output={match[0]!r})")
-    return (f"the model returns {what}, and none of its elements is the output of {name!r}; pass output= "
-            "(a key, index or callable) naming the logits, and layer= naming the linear layer that makes them")
+        return (f"the model returns {what}, and its elements {match} all equal the output of {name!r}; "
+                f"pass output= to say which holds the logits, e.g. LastLayer(model, output={match[0]!r})")
+    return (f"the model returns {what}, and none of its elements is the output of {name!r} (its last "
+            "nn.Linear); pass layer= naming the linear layer that makes the logits and output= naming "
+            f"them (a key, index or callable), e.g. LastLayer(model, layer={name!r}, output=\"logits\")")

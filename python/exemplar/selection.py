@@ -10,7 +10,8 @@ import math
 import torch
 
 from .attributor import Attributor
-from .data import LastLayerData
+from .data import LastLayerData, as_last_layer_data
+from .results import TopK
 
 REGULARIZERS = ("sum_redundancy", "facility_location", "mmd")
 
@@ -71,18 +72,17 @@ def greedy_select(influence: torch.Tensor, kernel: torch.Tensor, m: int, gamma: 
     return torch.stack(picks, dim=1)
 
 
-def _select(values, indices, features, m, gamma, regularizer, bandwidth, scale_influence):
+def _select(values, indices, features, m, gamma, regularizer, bandwidth, scale_influence) -> TopK:
     influence = values
     if scale_influence:  # gamma then weighs diversity against influence in units of the best one
         influence = values / values.abs().amax(1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     kernel = rbf_kernel(features[indices], bandwidth)
     pos = greedy_select(influence, kernel, m, gamma, regularizer)
-    return indices.gather(1, pos), values.gather(1, pos)
+    return TopK(values.gather(1, pos), indices.gather(1, pos))
 
 
-def _check_selection(test, gamma, chunk=1) -> None:
-    if not isinstance(test, LastLayerData):
-        raise TypeError(f"test must be a LastLayerData, got {type(test).__name__}")
+def _check_selection(test, gamma, chunk=1) -> LastLayerData:
+    test = as_last_layer_data(test)
     if len(test) == 0:
         raise ValueError("test is empty: DIVINE needs at least one test example")
     ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma)
@@ -90,6 +90,7 @@ def _check_selection(test, gamma, chunk=1) -> None:
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return test
 
 
 def _num_candidates(attributor, m, candidates):
@@ -100,37 +101,43 @@ def _num_candidates(attributor, m, candidates):
     return K
 
 
-def divine(attributor: Attributor, test: LastLayerData, m: int, gamma: float = 1.0,
+def divine(attributor: Attributor, test, m: int, gamma: float = 1.0,
            regularizer: str = "facility_location", method: str = "if",
            candidates: int | None = None, bandwidth: float | None = None,
-           scale_influence: bool = True, chunk: int = 256):
-    """Per test: (indices (T, m), scores (T, m)) of m diverse influential training
-    points chosen from each test's top-`candidates` (default max(10m, 50)).
-    gamma=0 returns the top-m by score. With scale_influence the scores are
-    divided by each test's largest |score| before weighing them against gamma*R."""
-    _check_selection(test, gamma, chunk)
+           scale_influence: bool = True, chunk: int = 256) -> TopK:
+    """Per test: TopK(values (T, m), indices (T, m)) of m diverse influential
+    training points, in the order the greedy step chose them, with their
+    scores by `method`, chosen from each test's top-`candidates` (default
+    max(10m, 50)). test: a LastLayerData or a DataLoader of (features,
+    logits[, labels]) batches. regularizer: "facility_location" (default),
+    "sum_redundancy" or "mmd", on an RBF kernel over the last-layer features
+    (bandwidth: sigma; default the median pairwise distance). gamma=0 returns
+    the top-m by score. With scale_influence the scores are divided by each
+    test's largest |score| before weighing them against gamma*R. chunk: tests
+    per (chunk, K, K) kernel."""
+    test = _check_selection(test, gamma, chunk)
     K = _num_candidates(attributor, m, candidates)
     out_idx, out_val = [], []
     for start in range(0, len(test), chunk):  # bounds the (chunk, K, K) kernel
-        part = LastLayerData(test.features[start:start + chunk], test.logits[start:start + chunk],
-                             None if test.labels is None else test.labels[start:start + chunk])
+        part = test[start:start + chunk]
         values, indices = attributor.topk(part, K, method)
-        i, v = _select(values, indices, attributor.train.features, m, gamma, regularizer,
+        v, i = _select(values, indices, attributor.train.features, m, gamma, regularizer,
                        bandwidth, scale_influence)
         out_idx.append(i)
         out_val.append(v)
-    return torch.cat(out_idx), torch.cat(out_val)
+    return TopK(torch.cat(out_val), torch.cat(out_idx))
 
 
-def divine_global(attributor: Attributor, test: LastLayerData, m: int, gamma: float = 1.0,
+def divine_global(attributor: Attributor, test, m: int, gamma: float = 1.0,
                   regularizer: str = "facility_location", method: str = "if",
                   candidates: int | None = None, bandwidth: float | None = None,
-                  scale_influence: bool = True):
-    """For a whole test set: (indices (m,), summed scores (m,)) of m diverse
-    training points with the largest score summed over the tests."""
-    _check_selection(test, gamma)
+                  scale_influence: bool = True) -> TopK:
+    """For a whole test set: TopK(summed scores (m,), indices (m,)) of m
+    diverse training points with the largest score summed over the tests;
+    the options are divine()'s."""
+    test = _check_selection(test, gamma)
     K = _num_candidates(attributor, m, candidates)
     values, indices = attributor.total_scores(test, method).topk(K)
-    i, v = _select(values.unsqueeze(0), indices.unsqueeze(0), attributor.train.features, m, gamma,
+    v, i = _select(values.unsqueeze(0), indices.unsqueeze(0), attributor.train.features, m, gamma,
                    regularizer, bandwidth, scale_influence)
-    return i[0], v[0]
+    return TopK(v[0], i[0])

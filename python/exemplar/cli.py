@@ -1,0 +1,304 @@
+"""exemplar on the command line, over saved features, for pipelines that
+already have a model's last-layer inputs (embeddings) and logits.
+
+Input files are safetensors with tensors "features" (N, D) float32/float64,
+"logits" (N, C) and "labels" (N,) integer (optional for test files: without
+them each prediction is explained); a training file may also hold the layer
+as "weight" (C, D) and "bias" (C,), which RPS-LJE needs and RPS-l2 starts from.
+
+    exemplar fit train.safetensors -o fit.safetensors --curvature ekfac --methods if,theta_relatif
+    exemplar topk fit.safetensors test.safetensors -k 10 --method theta_relatif -o top.parquet
+    exemplar self-influence fit.safetensors -o suspects.csv --top 100
+    exemplar report fit.safetensors test.safetensors -o report.html --methods if,theta_relatif
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import methods
+from .attributor import CURVATURES, KFAC_DAMPINGS, Attributor
+from .data import LastLayerData
+from .progress import Progress
+from .results import Explanation, TopK
+
+OUTPUTS = (".safetensors", ".csv", ".parquet")
+
+
+class CommandError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def read_data(path, need_labels: bool, name: str) -> tuple[LastLayerData, dict[str, torch.Tensor]]:
+    """(LastLayerData, the file's other tensors) from a safetensors file."""
+    import safetensors.torch
+
+    if not Path(path).is_file():
+        raise CommandError(f"{name} file {path} does not exist")
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as err:  # the format's own errors vary by version
+        raise CommandError(f"{name} file {path} is not a safetensors file ({err})") from None
+    missing = [key for key in ("features", "logits") + (("labels",) if need_labels else ()) if key not in tensors]
+    if missing:
+        raise CommandError(f"{name} file {path} has no tensor {missing} (it holds {sorted(tensors)}); it needs "
+                           "'features' (N, D), 'logits' (N, C)" + (" and 'labels' (N,)" if need_labels else
+                                                                    " and optionally 'labels' (N,)"))
+    try:
+        data = LastLayerData(tensors.pop("features"), tensors.pop("logits"), tensors.pop("labels", None))
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"{name} file {path}: {err}") from None
+    return data, tensors
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        try:
+            methods.get(m)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+    return names
+
+
+def _output(path: str, allowed=OUTPUTS) -> Path:
+    path = Path(path)
+    if path.suffix not in allowed:
+        raise CommandError(f"output {path} must end in one of {', '.join(allowed)}")
+    if not path.parent.is_dir():
+        raise CommandError(f"output folder {path.parent} does not exist")
+    return path
+
+
+def _write_table(frame, path: Path) -> None:
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        try:
+            frame.to_parquet(path, index=False)
+        except ImportError as err:
+            raise CommandError(f"writing {path} needs pyarrow (pip install pyarrow): {err}") from None
+
+
+def fit(args) -> None:
+    train, extra = read_data(args.train, True, "training")
+    weight, bias = extra.get("weight"), extra.get("bias")
+    try:
+        attr = Attributor(train, curvature=args.curvature, damping=args.damping, kfac_damping=args.kfac_damping,
+                          rank=args.rank, rps_lambda=args.rps_lambda, lje_step=args.lje_step, weight=weight,
+                          bias=True if bias is None else bias, progress=args.progress)
+        for m in _methods(args.methods):
+            attr.prepare(m)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"fit: {err}") from None
+    attr.save(_output(args.output, (".safetensors",)))
+    print(f"fitted {attr!r} on N={len(train)} examples; wrote {args.output}")
+
+
+def _load(path) -> Attributor:
+    if not Path(path).is_file():
+        raise CommandError(f"fit file {path} does not exist; make one with `exemplar fit`")
+    try:
+        return Attributor.load(path)
+    except ValueError as err:
+        raise CommandError(f"fit file {err}") from None
+
+
+def _explain(attr: Attributor, test: LastLayerData, k: int, method: str, opponents: int, test_rows: int,
+             progress) -> Explanation:
+    """The Explanation of every test, block by block of test_rows with a progress line."""
+    parts = []
+    bar = Progress(f"topk {method}", -(-len(test) // test_rows), progress)
+    for start in range(0, len(test), test_rows):
+        parts.append(attr.explain(test[start:start + test_rows], k, method, opponents))
+        bar.update()
+    bar.close()
+    joined = {key: torch.cat([getattr(p, key) for p in parts])
+              for key in ("indices", "scores", "labels", "predictions", "probabilities")}
+    against = None if not opponents else TopK(torch.cat([p.opponents.values for p in parts]),
+                                              torch.cat([p.opponents.indices for p in parts]))
+    return Explanation(**joined, method=method, opponents=against)
+
+
+def _checked(attr: Attributor, test: LastLayerData, k: int, opponents: int) -> None:
+    try:
+        attr.check_test(test)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"test file: {err}") from None
+    for name, value in (("-k", k), ("--opponents", opponents)):
+        if value > attr.num_train:
+            raise CommandError(f"{name} must be at most N={attr.num_train} training examples, got {value}")
+
+
+def topk(args) -> None:
+    attr = _load(args.fit)
+    test, _ = read_data(args.test, False, "test")
+    method = _methods(args.method)[0]
+    _checked(attr, test, args.k, args.opponents)
+    out = _output(args.output)
+    e = _explain(attr, test, args.k, method, args.opponents, args.test_rows, args.progress)
+    if out.suffix == ".safetensors":
+        import safetensors.torch
+
+        tensors = {"values": e.scores, "indices": e.indices, "explained": e.labels, "predictions": e.predictions}
+        if e.opponents is not None:
+            tensors.update({"opponent_values": e.opponents.values, "opponent_indices": e.opponents.indices})
+        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out),
+                                    metadata={"method": method, "k": str(args.k)})
+    else:
+        _write_table(e.to_pandas(attr.train.labels), out)
+    print(f"top-{args.k} {method} for {len(test)} tests written to {out}")
+
+
+def self_influence(args) -> None:
+    attr = _load(args.fit)
+    method = _methods(args.method)[0]
+    out = _output(args.output)
+    scores = attr.self_influence(method)
+    order = torch.sort(scores, descending=True, stable=True).indices[:args.top or None]
+    if out.suffix == ".safetensors":
+        import safetensors.torch
+
+        safetensors.torch.save_file({"self_influence": scores.contiguous().cpu(), "order": order.contiguous()},
+                                    str(out), metadata={"method": method})
+    else:
+        import pandas
+
+        frame = pandas.DataFrame({"rank": range(len(order)), "train_index": order.numpy(),
+                                  "label": attr.train.labels[order].cpu().numpy(),
+                                  "self_influence": scores[order].cpu().double().numpy()})
+        _write_table(frame, out)
+    print(f"self-influence ({method}) of {attr.num_train} training examples written to {out}, most suspicious first")
+
+
+def _inputs(path, count: int, name: str):
+    """Texts (one per line of a .txt file) or images (a safetensors file's
+    "images" tensor) to show in the report, or None."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"{name} inputs file {path} does not exist")
+    if path.suffix == ".txt":
+        items = path.read_text(encoding="utf-8").splitlines()
+    elif path.suffix == ".safetensors":
+        import safetensors.torch
+
+        items = safetensors.torch.load_file(str(path)).get("images")
+        if items is None:
+            raise CommandError(f"{name} inputs file {path} has no tensor 'images' (N, ...)")
+    else:
+        raise CommandError(f"{name} inputs file {path} must be .txt (one text per line) or .safetensors ('images')")
+    if len(items) != count:
+        raise CommandError(f"{name} inputs file {path} has {len(items)} entries, but there are {count} {name} examples")
+    return items
+
+
+def report(args) -> None:
+    from .html_report import report as write_report
+
+    attr = _load(args.fit)
+    test, _ = read_data(args.test, False, "test")
+    names = _methods(args.methods)
+    _checked(attr, test, args.k, args.opponents)
+    out = _output(args.output, (".html",))
+    explanations = {m: _explain(attr, test, args.k, m, args.opponents, args.test_rows, args.progress) for m in names}
+    class_names = None if args.class_names is None else args.class_names.split(",")
+    if class_names is not None and len(class_names) != attr.num_classes:
+        raise CommandError(f"--class-names has {len(class_names)} names for C={attr.num_classes} classes")
+    suspects = attr.self_influence(args.suspects_method) if args.suspects else None
+    write_report(out, explanations, _inputs(args.test_inputs, len(test), "test"),
+                 _inputs(args.train_inputs, attr.num_train, "training"), train_labels=attr.train.labels,
+                 test_labels=test.labels, class_names=class_names, self_influence=suspects,
+                 suspects=args.suspects or 1, self_influence_method=args.suspects_method)
+    print(f"wrote {out.resolve()}")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="exemplar", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, help_text):
+        p = commands.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=fn)
+        shown = p.add_mutually_exclusive_group()
+        shown.add_argument("--progress", action="store_true", default=None,
+                           help="show progress even when stderr is not a terminal")
+        shown.add_argument("--quiet", dest="progress", action="store_false", help="never show progress")
+        return p
+
+    p = command("fit", fit, "fit an Attributor on a training file and save it")
+    p.add_argument("train", help="safetensors: features (N, D), logits (N, C), labels (N,) [, weight (C, D), bias (C,)]")
+    p.add_argument("-o", "--output", required=True, help="where to save the fit (.safetensors)")
+    p.add_argument("--curvature", choices=CURVATURES, default="kfac")
+    p.add_argument("--damping", type=float, default=1e-3, help="lambda >= 0 added to the curvature")
+    p.add_argument("--kfac-damping", choices=KFAC_DAMPINGS, default="eigenbasis")
+    p.add_argument("--rank", default=None, type=lambda s: s if s == "auto" else int(s),
+                   help="kfac/ekfac: truncate the inverse to rank m, or 'auto'")
+    p.add_argument("--rps-lambda", type=float, default=1e-3, help="RPS-l2's l2 strength")
+    p.add_argument("--lje-step", type=float, default=1e-3, help="RPS-LJE's ascent step")
+    p.add_argument("--methods", default="if", help=f"methods to fit now, comma-separated, of {', '.join(methods.names())}")
+
+    def query_options(p):
+        p.add_argument("-k", type=_count(1), default=5, help="proponents per test (default 5)")
+        p.add_argument("--opponents", type=_count(0), default=0, help="also this many opponents per test")
+        p.add_argument("--test-rows", type=_count(1), default=256, help="tests per step (progress granularity)")
+
+    p = command("topk", topk, "the top-k training examples for each test example")
+    p.add_argument("fit", help="a file from `exemplar fit`")
+    p.add_argument("test", help="safetensors: features (T, D), logits (T, C) [, labels (T,): the class to explain]")
+    p.add_argument("-o", "--output", required=True,
+                   help=".safetensors (values, indices (T, k)), or .csv / .parquet (one row per test and rank)")
+    p.add_argument("--method", default="if", help=f"one of {', '.join(methods.names())}")
+    query_options(p)
+
+    p = command("self-influence", self_influence, "training examples ranked by self-influence (label suspects)")
+    p.add_argument("fit", help="a file from `exemplar fit`")
+    p.add_argument("-o", "--output", required=True, help=".safetensors, .csv or .parquet")
+    p.add_argument("--method", default="if", help="if, theta_relatif, l_relatif, grad_dot, rps_l2, rps_lje, ...")
+    p.add_argument("--top", type=_count(0), default=0, help="keep the top N rows of the table (default all)")
+
+    p = command("report", report, "a self-contained HTML report of explanations and suspects")
+    p.add_argument("fit", help="a file from `exemplar fit`")
+    p.add_argument("test", help="safetensors test file, as for topk")
+    p.add_argument("-o", "--output", required=True, help="the .html file to write")
+    p.add_argument("--methods", default="if,theta_relatif", help="methods side by side, comma-separated")
+    query_options(p)
+    p.add_argument("--train-inputs", help="what to show per training example: .txt (one text per line) "
+                                          "or .safetensors with 'images' (N, ...)")
+    p.add_argument("--test-inputs", help="the same for the test examples")
+    p.add_argument("--class-names", help="comma-separated names, one per class")
+    p.add_argument("--suspects", type=_count(0), default=24, help="self-influence suspects listed (0: none)")
+    p.add_argument("--suspects-method", default="if", help="method for the self-influence page")
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, ValueError) as err:  # bad input, said in one line
+        print(f"exemplar {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

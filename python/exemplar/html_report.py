@@ -1,0 +1,156 @@
+"""exemplar.report: one self-contained HTML file to look at explanations in a
+browser: per test example its input, label and prediction, and the top
+proponents and opponents of one or more methods side by side; plus a page of
+self-influence suspects. Images are inlined as PNG data, texts shown as text;
+the file references nothing outside itself."""
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+import torch
+
+from .display import SCORE_UNITS, Examples, class_name, png_bytes
+from .results import Explanation
+
+TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
+nav a{margin-right:1.5em} h2{margin-top:2em;border-bottom:1px solid #ccc}
+.legend{font-size:.9em;color:#444;max-width:70em}
+.test{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1em 0;display:flex;gap:1.2em}
+.query{min-width:9em;max-width:22em} .methods{display:flex;gap:1.5em;flex-wrap:wrap}
+.method h4{margin:.2em 0} .row{display:flex;gap:.5em;flex-wrap:wrap;margin-bottom:.6em}
+.ex{font-size:.78em;max-width:15em} .ex img,.query img{width:72px;image-rendering:pixelated;display:block}
+.text{white-space:pre-wrap;border:1px solid #eee;background:#fafafa;padding:.3em;max-height:9em;overflow:auto}
+.pos{color:#1a6b1a} .neg{color:#a01818} .kind{font-weight:600;font-size:.85em;margin:.3em 0}
+table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
+"""
+
+# Sets data-broken-images on <body> once loaded: how a headless browser test
+# sees that every inlined image decoded.
+CHECK_IMAGES = ("<script>addEventListener('load',()=>{document.body.dataset.brokenImages="
+                "[...document.images].filter(i=>!i.complete||i.naturalWidth===0).length})</script>")
+
+
+def report(path, explanations, test_inputs=None, train_inputs=None, *, train_labels=None,
+           test_labels=None, class_names=None, test_names=None, self_influence=None,
+           suspects: int = 24, self_influence_method: str = "if", image_shape=None,
+           title: str = "exemplar report") -> Path:
+    """Writes one self-contained HTML file to `path` and returns its path.
+
+    explanations: an Explanation, or a dict {heading: Explanation} of several
+    methods over the same tests, shown side by side (e.g. {"IF": e1,
+    "θ-RelatIF": e2}). Each shows its proponents and, when computed
+    (opponents=m), its opponents. test_inputs / train_inputs: what to show
+    for an example: a tensor/array of images (T or N, ...), a sequence of
+    texts, a callable index -> image or text, or None (indices only);
+    image_shape reshapes flat rows into images. train_labels (N,): the
+    training labels shown under each example. test_labels (T,): the tests'
+    true labels, when known. class_names: names indexed by class. test_names:
+    a caption per test (default "test #i", i its row in the explanations).
+    self_influence (N,): scores by `self_influence_method` (e.g.
+    attr.self_influence("if")); the `suspects` largest are listed on a page of
+    their own as the training examples most worth checking for wrong labels.
+    """
+    if isinstance(explanations, Explanation):
+        explanations = {explanations.method or "scores": explanations}
+    if not isinstance(explanations, dict) or not explanations \
+            or not all(isinstance(e, Explanation) for e in explanations.values()):
+        raise TypeError("explanations must be an Explanation or a non-empty dict {heading: Explanation}")
+    T = {len(e) for e in explanations.values()}
+    if len(T) != 1:
+        raise ValueError(f"the explanations cover different numbers of tests: {sorted(T)}")
+    T = T.pop()
+    if test_names is not None and len(test_names) != T:
+        raise ValueError(f"test_names must have T={T} entries, got {len(test_names)}")
+    if test_labels is not None and len(test_labels) != T:
+        raise ValueError(f"test_labels must have T={T} entries, got {len(test_labels)}")
+    if isinstance(suspects, bool) or not isinstance(suspects, int) or suspects < 1:
+        raise ValueError(f"suspects must be an integer >= 1, got {suspects!r}")
+    tests, train = Examples(test_inputs, image_shape), Examples(train_inputs, image_shape)
+    first = next(iter(explanations.values()))
+
+    def label_of(i):
+        return None if train_labels is None else int(train_labels[i])
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style>{CHECK_IMAGES}</head><body>",
+             f"<h1>{html.escape(title)}</h1><nav><a href='#explanations'>Explanations ({T} tests)</a>"
+             + ("<a href='#suspects'>Self-influence suspects</a>" if self_influence is not None else "")
+             + "</nav>", "<div class='legend'><p>Proponents: training examples whose scores support the "
+             "test's explained label (most positive first); opponents: those that oppose it (most negative "
+             "first). Indices are rows of the training set. <i>p</i> is the model's softmax probability of "
+             "the explained label. Scores:</p><ul>"]
+    for heading, e in explanations.items():
+        units = SCORE_UNITS.get(e.method, "see the method's documentation")
+        parts.append(f"<li><b>{html.escape(heading)}</b>: {html.escape(units)}</li>")
+    parts.append("</ul></div><h2 id='explanations'>Explanations</h2>")
+    for t in range(T):
+        name = f"test #{t}" if test_names is None else str(test_names[t])
+        explained, predicted = int(first.labels[t]), int(first.predictions[t])
+        lines = [f"<b>{html.escape(name)}</b>"]
+        if test_labels is not None:
+            lines.append(f"label: {html.escape(class_name(int(test_labels[t]), class_names))}")
+        lines.append(f"predicted: {html.escape(class_name(predicted, class_names))}")
+        if explained != predicted:
+            lines.append(f"explained: {html.escape(class_name(explained, class_names))}")
+        if first.probabilities is not None:
+            lines.append(f"<i>p</i> = {float(first.probabilities[t]):.3f}")
+        parts.append(f"<div class='test'><div class='query'>{_show(tests[t])}{'<br>'.join(lines)}</div>"
+                     "<div class='methods'>")
+        for heading, e in explanations.items():
+            parts.append(f"<div class='method'><h4>{html.escape(heading)}</h4>")
+            rows = [("proponents", e.indices[t], e.scores[t])]
+            if e.opponents is not None:
+                rows.append(("opponents", e.opponents.indices[t], e.opponents.values[t]))
+            for kind, indices, scores in rows:
+                parts.append(f"<div class='kind'>{kind}</div><div class='row'>")
+                for i, score in zip(indices.tolist(), scores.tolist()):
+                    parts.append(_example(train[i], i, label_of(i), score, class_names))
+                parts.append("</div>")
+            parts.append("</div>")
+        parts.append("</div></div>")
+    if self_influence is not None:
+        parts.append(_suspects(self_influence, suspects, self_influence_method, train, label_of, class_names))
+    parts.append("</body></html>")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _suspects(scores, count, method, train, label_of, class_names) -> str:
+    scores = torch.as_tensor(scores).detach().cpu().double().reshape(-1)
+    order = torch.sort(scores, descending=True, stable=True).indices[:count]
+    rows = ["<h2 id='suspects'>Self-influence suspects</h2><p class='legend'>The training examples with the "
+            f"largest self-influence ({html.escape(method)}: the score of each example for its own label), "
+            "most suspicious first: the model finds them hard, and mislabelled examples rank high. Check "
+            "their labels first.</p><table><tr><th>rank</th><th>example</th><th>index</th><th>label</th>"
+            "<th>self-influence</th></tr>"]
+    for rank, i in enumerate(order.tolist()):
+        label = label_of(i)
+        rows.append(f"<tr><td>{rank + 1}</td><td>{_show(train[i])}</td><td>#{i}</td>"
+                    f"<td>{'' if label is None else html.escape(class_name(label, class_names))}</td>"
+                    f"<td>{float(scores[i]):.4g}</td></tr>")
+    return "".join(rows) + "</table>"
+
+
+def _example(item, index, label, score, class_names) -> str:
+    sign = "pos" if score > 0 else "neg" if score < 0 else ""
+    caption = f"#{index}" + ("" if label is None else f" · {html.escape(class_name(label, class_names))}")
+    return f"<div class='ex'>{_show(item)}{caption}<br><span class='{sign}'>{score:.4g}</span></div>"
+
+
+def _show(item) -> str:
+    if item is None:
+        return ""
+    if isinstance(item, str):
+        text = item if len(item) <= TEXT_LIMIT else item[:TEXT_LIMIT] + " […]"
+        return f"<div class='text'>{html.escape(text)}</div>"
+    data = base64.b64encode(png_bytes(item)).decode("ascii")
+    return f"<img alt='' src='data:image/png;base64,{data}'>"

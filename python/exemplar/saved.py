@@ -1,0 +1,62 @@
+"""Fitted state on disk: one safetensors file with the settings as JSON under
+the metadata key "exemplar", written atomically and read whole (never pickle)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Writes `tensors` and `meta` to `path` atomically: a temporary file beside
+    it renamed over it, so a failed save leaves any earlier file as it was."""
+    import safetensors.torch
+
+    data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata={"exemplar": json.dumps(meta)})
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read(path, fmt: str, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a file `write` made with meta["format"] == fmt and
+    the given keys; any other file is refused with an error naming what is wrong."""
+    import safetensors.torch
+
+    try:
+        data = Path(path).read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        tensors = safetensors.torch.load(data)
+    except OSError:
+        raise
+    except Exception as err:  # the format's own errors vary by version
+        raise ValueError(f"{path} is not a safetensors file ({err})") from err
+    raw = (header.get("__metadata__") or {}).get("exemplar") if isinstance(header, dict) else None
+    if raw is None:
+        raise ValueError(f"{path} is not a file of format {fmt!r} (no 'exemplar' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata 'exemplar' is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: metadata 'exemplar' must be a JSON object, got {type(meta).__name__}")
+    for key in ("format", *keys):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key '{key}' in metadata 'exemplar'")
+    if meta["format"] != fmt:
+        raise ValueError(f"{path} is not a file of format {fmt!r} (format {meta['format']!r})")
+    if not isinstance(meta.get("attributor", {}), dict):
+        raise ValueError(f"{path}: 'attributor' must be a JSON object, got {type(meta['attributor']).__name__}")
+    return tensors, meta
