@@ -80,7 +80,7 @@ def convnet_table1(quick: bool, results: Results) -> dict:
         Xtr, ytr, Xte, yte = datasets.fashion_mnist()
     images_tr, images_te = Xtr.float().view(-1, 1, 28, 28), Xte.float().view(-1, 1, 28, 28)
     torch.manual_seed(0)
-    model = nets.train(nets.conv_net(), images_tr, ytr, epochs, progress=None)
+    model = nets.train(nets.conv_net(), images_tr, ytr, epochs, progress=True)
     hook, train = nets.last_layer(model, images_tr, ytr)
     _, test = nets.last_layer(model, images_te)
     attr = exemplar.Attributor(train, curvature="ekfac", damping=0.1, weight=hook.weight.double(),
@@ -162,7 +162,7 @@ def leave_one_out(quick: bool, results: Results) -> dict:
     N = len(ytr)
     loss_tr, loss_te = model.losses(Xtr, ytr), model.losses(Xte[tests], yte[tests])
     removed, rows, ratios, stats = {}, [], [], {}
-    bar = Progress("leave-one-out tests", 4 * n_tests)
+    bar = Progress("leave-one-out tests", 4 * n_tests, True)
     for m in RELATIF + ("knn",):
         top = attr.topk(test, 1, m)[1][:, 0]
         d_test, d_theta, d_train = [], [], []
@@ -235,7 +235,7 @@ def surnames(quick: bool, results: Results) -> dict:
     epochs = 4 if quick else 12
     torch.manual_seed(0)
     model = nets.train(nets.CharGRU(len(alphabet) + 1, len(languages)), chars[tr], labels[tr], epochs,
-                       batch_size=64, progress=None)
+                       batch_size=64, progress=True)
     hook, train = nets.last_layer(model, chars[tr], labels[tr])
     _, test = nets.last_layer(model, chars[te])
     attr = exemplar.Attributor(train, curvature="exact", damping=1e-2, weight=hook.weight.double(),

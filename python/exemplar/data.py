@@ -100,18 +100,22 @@ class LastLayerData:
 
     @property
     def num_classes(self) -> int:
+        """C, the number of classes (logits columns)."""
         return self.logits.shape[1]
 
     @property
     def num_features(self) -> int:
+        """D, the number of features."""
         return self.features.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The features' (and logits') dtype."""
         return self.features.dtype
 
     @property
     def device(self) -> torch.device:
+        """The tensors' device."""
         return self.features.device
 
     def __getitem__(self, rows: slice) -> "LastLayerData":

@@ -102,6 +102,7 @@ class LastLayer:
 
     @property
     def device(self) -> torch.device:
+        """The layer's (and so the collected tensors') device; batches are moved there."""
         return self.layer.weight.device
 
     def _select_output(self, model_output):
@@ -155,8 +156,10 @@ class LastLayer:
                          f"e.g. LastLayer(model, layer={self.name!r})")
 
     def collect(self, loader, progress: bool | None = None, store=None, shard_rows: int = DEFAULT_SHARD_ROWS):
-        """Runs the model over `loader` (batches: inputs, or (inputs..., labels))
-        and returns the layer's inputs and outputs with the loader's labels:
+        """Runs the model over `loader` (batches: inputs, (inputs..., labels),
+        or dicts of keyword inputs with "labels") and returns the layer's
+        inputs and outputs with the loader's labels (progress: a progress
+        line; None shows it only on a terminal):
         a LastLayerData in memory, or with store=PATH an exemplar.Store written
         shard by shard (`shard_rows` rows each, one shard in memory). Rerun with
         the same arguments after an interrupt, it continues from the last

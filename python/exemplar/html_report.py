@@ -22,9 +22,9 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fff}
 nav a{margin-right:1.5em} h2{margin-top:2em;border-bottom:1px solid #ccc}
 .legend{font-size:.9em;color:#444;max-width:70em}
 .test{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1em 0;display:flex;gap:1.2em}
-.query{min-width:9em;max-width:22em} .methods{display:flex;gap:1.5em;flex-wrap:wrap}
+.query{min-width:9em;max-width:22em;flex:0 0 auto} .methods{display:grid;gap:1.5em;flex:1}
 .method h4{margin:.2em 0} .row{display:flex;gap:.5em;flex-wrap:wrap;margin-bottom:.6em}
-.ex{font-size:.78em;max-width:15em} .ex img,.query img{width:72px;image-rendering:pixelated;display:block}
+.ex{font-size:.78em;flex:1 1 9em;max-width:15em} .ex img,.query img{width:72px;image-rendering:pixelated;display:block}
 .text{white-space:pre-wrap;border:1px solid #eee;background:#fafafa;padding:.3em;max-height:9em;overflow:auto}
 .pos{color:#1a6b1a} .neg{color:#a01818} .kind{font-weight:600;font-size:.85em;margin:.3em 0}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
@@ -89,6 +89,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
         units = SCORE_UNITS.get(e.method, "see the method's documentation")
         parts.append(f"<li><b>{html.escape(heading)}</b>: {html.escape(units)}</li>")
     parts.append("</ul></div><h2 id='explanations'>Explanations</h2>")
+    columns = f"grid-template-columns:repeat({len(explanations)},minmax(0,1fr))"  # methods side by side
     for t in range(T):
         name = f"test #{t}" if test_names is None else str(test_names[t])
         explained, predicted = int(first.labels[t]), int(first.predictions[t])
@@ -101,7 +102,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
         if first.probabilities is not None:
             lines.append(f"<i>p</i> = {float(first.probabilities[t]):.3f}")
         parts.append(f"<div class='test'><div class='query'>{_show(tests[t])}{'<br>'.join(lines)}</div>"
-                     "<div class='methods'>")
+                     f"<div class='methods' style='{columns}'>")
         for heading, e in explanations.items():
             parts.append(f"<div class='method'><h4>{html.escape(heading)}</h4>")
             rows = [("proponents", e.indices[t], e.scores[t])]

@@ -100,15 +100,20 @@ class Method:
     curvatures: ClassVar[tuple[str, ...]] = ()
 
     def inv_norm(self, attr: Attributor, rows: Rows) -> torch.Tensor:
+        """(b,) the factor each training row's score is multiplied by (1 for
+        unnormalised methods; 1/|H^-1 g_i| for theta-RelatIF, ...)."""
         return torch.ones_like(rows.phi[:, 0])
 
     def operands(self, attr: Attributor, rows: Rows) -> TrainOperands:
+        """TrainOperands(r (b, C'), phi (b, Dp'), inv_norm (b,)) of one block of rows."""
         return TrainOperands(rows.r, rows.phi, self.inv_norm(attr, rows))
 
     def query(self, attr: Attributor, test: LastLayerData) -> Query:
+        """Query(gradient, offset): the test side for a (checked) test set."""
         raise NotImplementedError
 
     def self_influence(self, attr: Attributor, rows: Rows) -> torch.Tensor:
+        """(b,) score(i, i) of each row of the block for its own label."""
         raise NotImplementedError
 
 

@@ -100,9 +100,12 @@ class Store:
         return worst["max_sq_norm"], worst["file"]
 
     def blocks(self) -> "StoreBlocks":
+        """The shards as the Attributor's row blocks, read ahead in the background."""
         return StoreBlocks(self)
 
     def columns(self, tag: str, writer: bool) -> "StoreColumns":
+        """Per-example fitted values for the fit `tag`, kept under fits/<tag>/
+        beside the shards (written only when `writer`, i.e. rank 0)."""
         return StoreColumns(self, tag, writer)
 
     def load(self) -> LastLayerData:
