@@ -1,6 +1,7 @@
 """Headline GPU benchmark (issue: N=1,000,000 train, T=10,000 test, D=512,
 C=10, k=10, theta-RelatIF with K-FAC): exemplar's top-k on CUDA (the streamed
-default and the fused kernel, kernel="fused") vs the chunked
+default, the fused kernel, kernel="fused", and the tf32/bf16 screens,
+precision=...) vs the chunked
 pure-PyTorch baseline and vs cuBLAS float32 GEMMs of the same flop count, all
 timed in this run with CUDA events (median of 3 after a warm-up).
 
@@ -78,12 +79,18 @@ def main():
         flops = 2 * T * N * K
         t_chunked, (v_chunked, _) = timed(chunked)
         t_cublas, _ = timed(cublas_same_flops(T, N, K))
-        for kernel in ("streamed", "fused"):  # the CUDA default, and the fused kernel by name
-            ours = lambda: op(*operands, k, True, kernel=kernel)
-            t_ours, (v_ours, _) = timed(ours)
+        # The CUDA default, the fused kernel by name, and the tf32 / bf16 screens (exact answers).
+        variants = [("streamed", {"kernel": "streamed"}), ("fused", {"kernel": "fused"}),
+                    ("tf32 screen", {"precision": "tf32"}), ("bf16 screen", {"precision": "bf16"})]
+        _, exact_indices = op(*operands, k, True)
+        for name, options in variants:
+            ours = lambda: op(*operands, k, True, **options)
+            t_ours, (v_ours, i_ours) = timed(ours)
             mem = peak_extra(ours)
             agree = float((v_ours - v_chunked).abs().max() / v_chunked.abs().max())
-            rows.append((f"{path} ({kfac_damping} damping), {kernel}", t_ours, T * N / t_ours,
+            same = float((i_ours == exact_indices).double().mean())
+            name = f"{name} ({same:.4f} of indices = exact)"
+            rows.append((f"{path} ({kfac_damping} damping), {name}", t_ours, T * N / t_ours,
                          flops / t_ours / 1e12, flops / t_cublas / 1e12, t_chunked / t_ours, mem / 2**20,
                          inputs / 2**20, agree))
         del operands

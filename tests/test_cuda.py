@@ -116,3 +116,26 @@ def test_fused_kernel_refuses_rank_m():
     args = [x.to(CUDA) for x in rank_m_operands(3, 40, 3, 5, dtype=torch.float32, seed=2)]
     with pytest.raises(RuntimeError, match=r"exemplar::fused_topk_rank1: the fused kernel takes rank 1"):
         ops.topk_rank1(*args, 3, True, kernel="fused")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("size", SIZES, ids=str)
+@pytest.mark.parametrize("path", ["general", "rank1"])
+def test_screened_topk_cuda_equals_exact(path, size, precision):
+    # The screen's GEMMs on the GPU (bf16 tensor cores; TF32) must keep its bound:
+    # the same indices as the exact CUDA path, and survivors well below N.
+    from exemplar import screen
+
+    T, N, C, Dp = size
+    make = general_operands if path == "general" else rank1_operands
+    args = [a.to(CUDA) for a in make(T, N, C, Dp, dtype=torch.float32, seed=7)]
+    op = ops.topk if path == "general" else ops.topk_rank1
+    k = min(10, N)
+    exact = op(*args, k, True)
+    got = op(*args, k, True, precision=precision)
+    assert torch.equal(got[1], exact[1])
+    torch.testing.assert_close(got[0], exact[0], rtol=0, atol=1e-5 * float(exact[0].abs().max()))
+    if path == "general" and N >= 5000:
+        alpha, beta = None, args[0]
+        survivors = screen.screened_topk(alpha, beta, *args[1:], k, True, precision).survivors
+        assert float(survivors.double().mean()) < 0.05 * N

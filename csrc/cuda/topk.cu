@@ -12,7 +12,9 @@
 // top-k list, which lives in a global (L2-resident) ping-pong workspace so k
 // can be large (any k <= N).
 // Phase 2 (merge_splits_kernel): per row, the splits' sorted lists are merged
-// by rank (binary search of each element in every other list).
+// pairwise in ceil(log2 splits) rounds, each pair by rank (binary search of
+// each element in the other list): O(splits * min(k, N/splits) * log(k) * log(splits))
+// per row, not O(splits^2 ...).
 //
 // Order: RankOrder (csrc/order.h), shared with the CPU: a strict total order
 // with NaN last, so ranks are unique and every device returns the same indices.
@@ -22,7 +24,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <mutex>
 
 #include "../checks.h"
 #include "../order.h"
@@ -35,6 +39,13 @@ constexpr int kBT = 64;        // test rows per block
 constexpr int kBN = 64;        // train rows per tile
 constexpr int kBK = 16;        // reduction depth per shared-memory stage
 constexpr int kWarps = kThreads / 32;
+constexpr int kMaxDevices = 64;
+// Leading dimensions of the staged A and B tiles. The stores put a warp's 16
+// consecutive reduction indices c at stride kBT (or kBN) = 64 elements, a
+// multiple of the 32 banks, so all 16 hit one bank; one element of padding
+// spreads them over 16 banks (float; double's stride of 130 words over even banks).
+constexpr int kLdA = kBT + 1;
+constexpr int kLdB = kBN + 1;
 
 template <typename scalar_t, bool Largest>
 using Order = RankOrder<scalar_t, Largest>;
@@ -77,12 +88,12 @@ __device__ void tile_gemm(const scalar_t* __restrict__ A, int64_t T, int64_t K, 
     for (int e = threadIdx.x; e < kBT * kBK; e += kThreads) {
       const int r = e / kBK, c = e % kBK;
       const int64_t t = t0 + r, kappa = kk + c;
-      As[c * kBT + r] = (t < T && kappa < K) ? A[t * K + kappa] : scalar_t(0);
+      As[c * kLdA + r] = (t < T && kappa < K) ? A[t * K + kappa] : scalar_t(0);
     }
     for (int e = threadIdx.x; e < kBN * kBK; e += kThreads) {
       const int r = e / kBK, c = e % kBK;
       const int64_t kappa = kk + c;
-      Bs[c * kBN + r] = kappa < K ? load_b(r, kappa) : scalar_t(0);
+      Bs[c * kLdB + r] = kappa < K ? load_b(r, kappa) : scalar_t(0);
     }
     __syncthreads();
 #pragma unroll
@@ -90,8 +101,8 @@ __device__ void tile_gemm(const scalar_t* __restrict__ A, int64_t T, int64_t K, 
       scalar_t a[4], b[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        a[i] = As[c * kBT + ty + 16 * i];
-        b[i] = Bs[c * kBN + tx + 16 * i];
+        a[i] = As[c * kLdA + ty + 16 * i];
+        b[i] = Bs[c * kLdB + tx + 16 * i];
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -102,21 +113,28 @@ __device__ void tile_gemm(const scalar_t* __restrict__ A, int64_t T, int64_t K, 
   }
 }
 
+// A split's list never holds more than min(k, per_split) entries, so that is
+// each slot's size: at T = 1, N = 1e6, k = 1e5 on 132 SMs, 16 MB instead of 418 MB.
+// A row's slots are contiguous, so phase 2 merges splits [s, s + w) into the
+// w * cap entries starting at slot s.
 template <typename scalar_t>
 struct Workspace {
-  scalar_t* vals;  // (2, T, splits, k): ping-pong sorted lists
-  int* idx;        // (2, T, splits, k)
-  int* lens;       // (T, splits)
-  int64_t T, splits, k;
+  scalar_t* vals;  // (2, T, splits, cap): ping-pong sorted lists
+  int* idx;        // (2, T, splits, cap)
+  int* lens;       // (2, T, splits): entries in each list of each half
+  int64_t T, splits, k, cap;
   __device__ int64_t offset(int buffer, int64_t t, int64_t split) const {
-    return ((buffer * T + t) * splits + split) * k;
+    return ((buffer * T + t) * splits + split) * cap;
+  }
+  __device__ int* len(int buffer, int64_t t, int64_t split) const {
+    return lens + (buffer * T + t) * splits + split;
   }
 };
 
 template <typename scalar_t>
 struct SharedState {
-  scalar_t* As;         // (kBK, kBT)
-  scalar_t* Bs;         // (kBK, kBN)
+  scalar_t* As;         // (kBK, kLdA)
+  scalar_t* Bs;         // (kBK, kLdB)
   scalar_t* cand_v;     // (kBT, kBN) candidates of the current tile
   int* cand_i;          // (kBT, kBN)
   scalar_t* sorted_v;   // (kWarps, kBN) a warp's candidates in order
@@ -130,7 +148,7 @@ struct SharedState {
 
 template <typename scalar_t>
 size_t shared_bytes() {
-  return sizeof(scalar_t) * (2 * kBK * kBT + kBT * kBN + kWarps * kBN + kBT) +
+  return sizeof(scalar_t) * (kBK * kLdA + kBK * kLdB + kBT * kBN + kWarps * kBN + kBT) +
          sizeof(int) * (kBT * kBN + kWarps * kBN + 4 * kBT);
 }
 
@@ -138,8 +156,8 @@ template <typename scalar_t>
 __device__ SharedState<scalar_t> carve_shared(char* base) {
   SharedState<scalar_t> s;
   scalar_t* f = reinterpret_cast<scalar_t*>(base);
-  s.As = f;            f += kBK * kBT;
-  s.Bs = f;            f += kBK * kBN;
+  s.As = f;            f += kBK * kLdA;
+  s.Bs = f;            f += kBK * kLdB;
   s.cand_v = f;        f += kBT * kBN;
   s.sorted_v = f;      f += kWarps * kBN;
   s.thr_v = f;         f += kBT;
@@ -240,8 +258,9 @@ stream_topk_kernel(const scalar_t* __restrict__ left,   // S_flat (T, C*Dp) or a
                 [&](int r, int64_t kappa) {
                   const int64_t n = n0 + r;
                   if (n >= n_end) return scalar_t(0);
-                  const int64_t c = kappa / Dp;
-                  return R[n * C + c] * Phi[n * Dp + (kappa - c * Dp)];
+                  // C * Dp < 2^31 (checked on the host): a 32-bit division, several times cheaper
+                  const int c = static_cast<int>(kappa) / static_cast<int>(Dp);
+                  return R[n * C + c] * Phi[n * Dp + (static_cast<int>(kappa) - c * static_cast<int>(Dp))];
                 },
                 acc, sh.As, sh.Bs);
     }
@@ -284,7 +303,7 @@ stream_topk_kernel(const scalar_t* __restrict__ left,   // S_flat (T, C*Dp) or a
         di[j] = si[j];
       }
     }
-    if (lane == 0) ws.lens[t * ws.splits + split] = sh.len[r];
+    if (lane == 0) *ws.len(0, t, split) = sh.len[r];
   }
 }
 
@@ -294,27 +313,34 @@ merge_splits_kernel(Workspace<scalar_t> ws,
                     scalar_t* __restrict__ out_v,  // (T, k)
                     int64_t* __restrict__ out_i) {  // (T, k)
   const int64_t t = blockIdx.x;
-  const int64_t k = ws.k;
-  scalar_t* ov = out_v + t * k;
-  int64_t* oi = out_i + t * k;
-  // Every split keeps min(k, its rows) entries and the splits cover N >= k
-  // rows, so the ranks fill out[0, k) exactly once.
-  for (int64_t s = 0; s < ws.splits; ++s) {
-    const scalar_t* sv = ws.vals + ws.offset(0, t, s);
-    const int* si = ws.idx + ws.offset(0, t, s);
-    const int len = ws.lens[t * ws.splits + s];
-    for (int j = threadIdx.x; j < len; j += kThreads) {
-      int64_t rank = j;
-      for (int64_t o = 0; o < ws.splits; ++o) {
-        if (o == s) continue;
-        rank += count_before<scalar_t, Largest>(ws.vals + ws.offset(0, t, o), ws.idx + ws.offset(0, t, o),
-                                                ws.lens[t * ws.splits + o], sv[j], si[j]);
-      }
-      if (rank < k) {
-        ov[rank] = sv[j];
-        oi[rank] = si[j];
-      }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Round w merges the lists at slots s and s + w (s a multiple of 2w) into
+  // slot s of the other half, one warp per pair; each merged list keeps
+  // min(k, both lengths) entries, which fit the 2w slots from s on.
+  int from = 0;
+  for (int64_t w = 1; w < ws.splits; w *= 2, from = 1 - from) {
+    for (int64_t s = 2 * w * warp; s < ws.splits; s += 2 * w * kWarps) {
+      const int a_len = *ws.len(from, t, s);
+      const int b_len = s + w < ws.splits ? *ws.len(from, t, s + w) : 0;
+      const int limit = static_cast<int>(a_len + b_len < ws.k ? a_len + b_len : ws.k);
+      const scalar_t* av = ws.vals + ws.offset(from, t, s);
+      const int* ai = ws.idx + ws.offset(from, t, s);
+      const scalar_t* bv = ws.vals + ws.offset(from, t, s + w < ws.splits ? s + w : s);
+      const int* bi = ws.idx + ws.offset(from, t, s + w < ws.splits ? s + w : s);
+      scalar_t* ov = ws.vals + ws.offset(1 - from, t, s);
+      int* oi = ws.idx + ws.offset(1 - from, t, s);
+      scatter_by_rank<scalar_t, Largest>(av, ai, a_len, bv, bi, b_len, limit, ov, oi, lane);
+      scatter_by_rank<scalar_t, Largest>(bv, bi, b_len, av, ai, a_len, limit, ov, oi, lane);
+      if (lane == 0) *ws.len(1 - from, t, s) = limit;
     }
+    __syncthreads();
+  }
+  // The splits cover N >= k rows, so the final list holds exactly k entries.
+  const scalar_t* fv = ws.vals + ws.offset(from, t, 0);
+  const int* fi = ws.idx + ws.offset(from, t, 0);
+  for (int64_t j = threadIdx.x; j < ws.k; j += kThreads) {
+    out_v[t * ws.k + j] = fv[j];
+    out_i[t * ws.k + j] = fi[j];
   }
 }
 
@@ -333,17 +359,24 @@ void launch(const at::Tensor& left, const at::Tensor& beta, const at::Tensor& R,
   TORCH_CHECK(test_tiles <= std::numeric_limits<int>::max() && used_splits <= 65535,
               "exemplar::topk: too many test rows for one launch (T=", T, ")");
 
+  const int64_t cap = std::min(k, per_split);
   auto opts = R.options();
-  auto ws_vals = at::empty({2 * T * used_splits * k}, opts);
-  auto ws_idx = at::empty({2 * T * used_splits * k}, opts.dtype(at::kInt));
-  auto ws_lens = at::empty({T * used_splits}, opts.dtype(at::kInt));
+  auto ws_vals = at::empty({2 * T * used_splits * cap}, opts);
+  auto ws_idx = at::empty({2 * T * used_splits * cap}, opts.dtype(at::kInt));
+  auto ws_lens = at::empty({2 * T * used_splits}, opts.dtype(at::kInt));
   Workspace<scalar_t> ws{ws_vals.data_ptr<scalar_t>(), ws_idx.data_ptr<int>(), ws_lens.data_ptr<int>(), T,
-                         used_splits, k};
+                         used_splits, k, cap};
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const size_t smem = shared_bytes<scalar_t>();
   auto kernel = stream_topk_kernel<scalar_t, Largest, Rank1>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // The shared-memory limit is a per-device attribute of the function: set once per device.
+  static std::once_flag attribute_set[kMaxDevices];
+  const int device = R.get_device();
+  TORCH_CHECK(device < kMaxDevices, "exemplar::fused_topk: device index ", device, " >= ", kMaxDevices);
+  std::call_once(attribute_set[device], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  });
   const dim3 grid(static_cast<unsigned>(test_tiles), static_cast<unsigned>(used_splits));
   kernel<<<grid, kThreads, smem, stream>>>(
       left.data_ptr<scalar_t>(), Rank1 ? beta.data_ptr<scalar_t>() : nullptr, R.data_ptr<scalar_t>(),
@@ -363,6 +396,8 @@ std::tuple<at::Tensor, at::Tensor> fused_topk(const at::Tensor& left_, const at:
   TORCH_CHECK(R_.is_cuda(), op, ": expected CUDA tensors, R is on ", R_.device());
   TORCH_CHECK(R_.size(0) <= std::numeric_limits<int>::max(), op,
               ": N must fit in int32 on the GPU, got N=", R_.size(0));
+  TORCH_CHECK(R_.size(1) * Phi_.size(1) <= std::numeric_limits<int>::max(), op,
+              ": C * Dp must fit in int32 on the GPU, got C=", R_.size(1), ", Dp=", Phi_.size(1));
   auto left = Rank1 ? left_.contiguous() : left_.reshape({left_.size(0), -1}).contiguous();
   auto beta = Rank1 ? beta_.contiguous() : beta_;
   auto R = R_.contiguous();

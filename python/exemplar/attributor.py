@@ -23,6 +23,7 @@ from .jobs import ResultFolder, tensor_checksum
 from .methods import Query, TrainOperands
 from .progress import Progress
 from .results import Explanation, TopK
+from .screen import PRECISIONS
 from .store import Store
 
 FORMAT = "exemplar.Attributor/1"
@@ -421,7 +422,8 @@ class Attributor:
         return self._per_row(f"scores {method}", (len(test),), lambda rows: q.scores(m.operands(self, rows)))
 
     def topk(self, test, k: int, method: str = "if", largest: bool = True,
-             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024) -> TopK:
+             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024,
+             precision: str = "exact") -> TopK:
         """TopK(values, indices), each (T, k), best first: the k most helpful
         training examples per test example, or with largest=False the k most
         harmful (opponents). Never builds the (T, N) matrix. test and method
@@ -430,7 +432,10 @@ class Attributor:
         job: results are written per block of `test_rows` tests, and a rerun
         with the same arguments skips the blocks already there. split (with
         distributed=True): "train" gives each rank its own training blocks,
-        "test" its own share of the tests against the whole training set."""
+        "test" its own share of the tests against the whole training set.
+        precision: "exact", or "tf32" / "bf16" to screen score tiles in that
+        format and rescore only what a rigorous bound cannot rule out (same
+        indices, exact scores; exemplar.ops.topk)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
             error = ValueError if isinstance(k, int) and not isinstance(k, bool) else TypeError
             raise error(f"k must be an integer in [1, N] = [1, {self.num_train}], got {k!r}")
@@ -438,13 +443,16 @@ class Attributor:
             raise TypeError(f"largest must be True or False, got {largest!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         methods.get(method)  # the method and the test set are checked before any work
         test = self.check_test(test)
         if out is None:
-            return TopK(*self._topk(test, k, method, largest, split))
+            return TopK(*self._topk(test, k, method, largest, split, precision=precision))
         if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
             raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
         settings = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
+                        precision=precision,
                         test=tensor_checksum(test.features, test.logits, test.labels), N=self.num_train,
                         attributor=self._fit_tag())
         folder = ResultFolder(out, settings, writer=self._group.rank == 0)
@@ -453,7 +461,8 @@ class Attributor:
         for b, t0 in enumerate(blocks):
             done = folder.load(b)
             if done is None:
-                values, indices = self._topk(test[t0:t0 + test_rows], k, method, largest, split, label="")
+                values, indices = self._topk(test[t0:t0 + test_rows], k, method, largest, split, label="",
+                                             precision=precision)
                 done = {"values": values, "indices": indices}
                 folder.save(b, done)
             parts.append((done["values"].to(self.device), done["indices"].to(self.device)))
@@ -471,19 +480,19 @@ class Attributor:
         against = self.topk(test, opponents, method, largest=False) if opponents else None
         return Explanation.of(test, self.topk(test, k, method), method, against)
 
-    def _topk(self, test, k, method, largest, split="train", label=None):
+    def _topk(self, test, k, method, largest, split="train", label=None, precision="exact"):
         if split == "test" and self._group.world > 1:
             part = test[self._group.share(len(test))]
-            values, indices = self._topk_over(part, k, method, largest, range(len(self._blocks)), label)
+            values, indices = self._topk_over(part, k, method, largest, range(len(self._blocks)), label, precision)
             return self._group.gather_rows(values, len(test)), self._group.gather_rows(indices, len(test))
-        best = self._topk_over(test, k, method, largest, self._own_blocks(), label)
+        best = self._topk_over(test, k, method, largest, self._own_blocks(), label, precision)
         return merge_topk(self._group.all_gather(best), k, largest) if self._group.world > 1 else best
 
-    def _topk_over(self, test, k, method, largest, blocks, label):
+    def _topk_over(self, test, k, method, largest, blocks, label, precision):
         m, q = methods.get(method), self.query(test, method)
         best = None
         for rows in self._rows(blocks, f"topk {method}" if label is None else (label or None)):
-            values, indices = q.topk(m.operands(self, rows), min(k, len(rows)), largest)
+            values, indices = q.topk(m.operands(self, rows), min(k, len(rows)), largest, precision)
             part = (values, indices + rows.start)
             best = part if best is None else merge_topk([best, part], k, largest)
         return best

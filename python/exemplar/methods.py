@@ -56,14 +56,15 @@ class Query:
             return self._shifted(ops.scores_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm))
         return self._shifted(ops.scores(g.S, train.r, train.phi, train.inv_norm))
 
-    def topk(self, train: TrainOperands, k: int, largest: bool = True):
+    def topk(self, train: TrainOperands, k: int, largest: bool = True, precision: str = "exact"):
         """(values (T, k), indices (T, k)): ops.topk / ops.topk_rank1 plus the offset,
         which is the same for every training example so it never changes the order."""
         g = self.gradient
         if isinstance(g, curv.Rank1):
-            values, indices = ops.topk_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm, k, largest)
+            values, indices = ops.topk_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm, k, largest,
+                                             precision=precision)
         else:
-            values, indices = ops.topk(g.S, train.r, train.phi, train.inv_norm, k, largest)
+            values, indices = ops.topk(g.S, train.r, train.phi, train.inv_norm, k, largest, precision=precision)
         return self._shifted(values), indices
 
     def total(self, train: TrainOperands) -> torch.Tensor:

@@ -90,19 +90,49 @@ def _topk_op(k, largest, r, kernel: str, rank1: bool):
     return getattr(_ops, TOPK_KERNELS[kernel][rank1])
 
 
-def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default"):
+def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
+    """precision="tf32"/"bf16": screen.screened_topk after the op's own checks
+    (run on no test rows, so every message is the op's)."""
+    from . import screen
+
+    if precision not in screen.PRECISIONS:
+        raise ValueError(f"precision must be one of {screen.PRECISIONS}, got {precision!r}")
+    if kernel != "default":
+        raise ValueError(f"precision={precision!r} screens on the streamed path; kernel must be 'default', "
+                         f"got {kernel!r}")
+    op(*(x[:0] for x in ((beta,) if alpha is None else (alpha, beta))), r, phi, inv_norm, k, largest)
+    if alpha is not None and alpha.dim() == 2:  # rank 1: one term
+        alpha, beta = alpha.unsqueeze(1), beta.unsqueeze(1)
+    values, indices, _ = screen.screened_topk(alpha, beta, r, phi, inv_norm, k, largest, precision)
+    return values, indices
+
+
+def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
+         precision: str = "exact"):
     """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix:
     (values (T, k), indices (T, k) int64), best first. Order: the larger score
     first (smaller with largest=False), NaN after every number, ties by
     ascending training index; so topk(k) is a prefix of topk(k + 1) and, for
-    k <= N, every index is a real training row. kernel: see TOPK_KERNELS."""
-    return _topk_op(k, largest, r, kernel, rank1=False)(s, r, phi, inv_norm, k, largest)
+    k <= N, every index is a real training row. kernel: see TOPK_KERNELS.
+    precision: "exact" (default), or "tf32" / "bf16": screen every score tile
+    in that format (tensor cores on a GPU), rescore the examples a rigorous
+    error bound cannot rule out, and return the same indices as "exact" (up to
+    rounding-level ties) with their exact scores (exemplar.screen; finite
+    operands only)."""
+    op = _topk_op(k, largest, r, kernel, rank1=False)
+    if precision != "exact":
+        return _screened(op, None, s, r, phi, inv_norm, k, largest, kernel, precision)
+    return op(s, r, phi, inv_norm, k, largest)
 
 
-def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default"):
+def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
+               precision: str = "exact"):
     """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64),
-    in topk's order."""
-    return _topk_op(k, largest, r, kernel, rank1=True)(alpha, beta, r, phi, inv_norm, k, largest)
+    in topk's order; precision as for topk."""
+    op = _topk_op(k, largest, r, kernel, rank1=True)
+    if precision != "exact":
+        return _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision)
+    return op(alpha, beta, r, phi, inv_norm, k, largest)
 
 
 # ------------------------------------------------------------------ fake kernels
