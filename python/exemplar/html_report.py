@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from pathlib import Path
 
 import torch
 
 from .display import SCORE_UNITS, Examples, class_name, png_bytes
 from .results import Explanation
+from .saved import write_atomic
 
 TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
 
@@ -119,9 +119,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
         parts.append(_suspects(self_influence, suspects, self_influence_method, train, label_of, class_names))
     parts.append("</body></html>")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(parts).encode("utf-8"))
     return path
 
 

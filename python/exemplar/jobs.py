@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .store import StoreError, _write_atomic
+from .saved import write_atomic
+from .store import StoreError
 
 
 def tensor_checksum(*tensors: torch.Tensor | None) -> str:
@@ -42,7 +43,7 @@ class ResultFolder:
             raise StoreError(f"{self.path} exists and is not a job folder: refusing to write into it")
         elif writer:
             self.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(manifest, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+            write_atomic(manifest, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
 
     def _file(self, block: int) -> Path:
         return self.path / f"block-{block:05d}.safetensors"
@@ -53,4 +54,4 @@ class ResultFolder:
 
     def save(self, block: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.writer:
-            _write_atomic(self._file(block), save_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))
+            write_atomic(self._file(block), save_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))

@@ -1,32 +1,39 @@
-"""Fitted state on disk: one safetensors file with the settings as JSON under
-the metadata key "exemplar", written atomically and read whole (never pickle)."""
+"""Files on disk: every file exemplar writes goes through write_atomic; fitted
+state is one safetensors file with the settings as JSON under the metadata key
+"exemplar", written atomically and read whole (never pickle)."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 
-def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Writes `tensors` and `meta` to `path` atomically: a temporary file beside
-    it renamed over it, so a failed save leaves any earlier file as it was."""
-    import safetensors.torch
-
-    data = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata={"exemplar": json.dumps(meta)})
+def write_atomic(path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file beside it and a rename,
+    so `path` holds either its old content or all of the new; a failed write
+    removes the temporary file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # own name: ranks may write the same file
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Writes `tensors` and `meta` to `path` atomically (write_atomic), so a
+    failed save leaves any earlier file as it was."""
+    import safetensors.torch
+
+    write_atomic(path, safetensors.torch.save({k: v.cpu() for k, v in tensors.items()},
+                                              metadata={"exemplar": json.dumps(meta)}))
 
 
 def read(path, fmt: str, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -30,6 +30,7 @@ from safetensors.torch import save as save_bytes
 from . import _C
 from .blocks import Block
 from .data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, largest_sq_norm
+from .saved import write_atomic
 
 FORMAT = "exemplar-store"
 VERSION = 1
@@ -41,17 +42,6 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.
 
 class StoreError(ValueError):
     """A store that is missing, damaged, or not the one expected."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file and a rename, so
-    `path` holds either its old content or all of the new."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # own name: ranks may write the same file
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
@@ -243,7 +233,7 @@ class StoreWriter:
                 raise StoreError(f"{self.path} exists and is not a store: refusing to write into it")
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = fresh
-            _write_atomic(self.path / MANIFEST, _manifest_bytes(fresh))
+            write_atomic(self.path / MANIFEST, _manifest_bytes(fresh))
         self.rows_done = sum(s["rows"] for s in self.manifest["shards"])
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_rows = 0
@@ -278,7 +268,7 @@ class StoreWriter:
             if not self.manifest["shards"]:
                 raise StoreError(f"store {self.path}: no rows were written")
             self.manifest["complete"] = True
-            _write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
+            write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
         return Store(self.path)
 
     def _flush(self, rows: int) -> None:
@@ -290,11 +280,11 @@ class StoreWriter:
         data = save_bytes({"features": features.contiguous(), "logits": logits.contiguous(),
                            "labels": labels.contiguous(), "index": index.contiguous()})
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        _write_atomic(self.path / name, data)
+        write_atomic(self.path / name, data)
         sq = largest_sq_norm(features)
         self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
                                         "crc32": f"{zlib.crc32(data):08x}", "max_sq_norm": sq})
-        _write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
+        write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
         self.rows_done += rows
 
 
@@ -336,7 +326,7 @@ class StoreColumns:
     def put(self, keys, index: int, values) -> None:
         for key, value in zip(keys, values):
             self._file(key, index).parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self._file(key, index), save_bytes({"value": value.detach().cpu().contiguous()}))
+            write_atomic(self._file(key, index), save_bytes({"value": value.detach().cpu().contiguous()}))
 
     def complete(self) -> dict:
         return {}
@@ -346,7 +336,7 @@ class StoreColumns:
             self.folder.mkdir(parents=True, exist_ok=True)
             data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                               metadata={"kinds": json.dumps(kinds, sort_keys=True)})
-            _write_atomic(self.folder / "fitted.safetensors", data)
+            write_atomic(self.folder / "fitted.safetensors", data)
 
     def load_fitted(self):
         """(tensors, kinds) as save_fitted was given them, or None."""
