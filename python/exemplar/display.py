@@ -7,6 +7,8 @@ import zlib
 
 import torch
 
+from .results import Explanation
+
 # What each method's score means, for the report's and the demo's legends.
 SCORE_UNITS = {
     "if": "influence g_t·H⁻¹g_i: raising the training example's weight in the mean training loss by ε "
@@ -87,6 +89,30 @@ def png_bytes(image: torch.Tensor) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) \
         + chunk(b"IEND", b"")
+
+
+def by_heading(explanations, test_names=None, test_labels=None) -> tuple[dict, int]:
+    """({heading: Explanation}, T): an Explanation (headed by its method) or a
+    dict of them, checked to cover the same T tests as test_names and
+    test_labels (when given)."""
+    if isinstance(explanations, Explanation):
+        explanations = {explanations.method or "scores": explanations}
+    if not isinstance(explanations, dict) or not explanations \
+            or not all(isinstance(e, Explanation) for e in explanations.values()):
+        raise TypeError("explanations must be an Explanation or a non-empty dict {heading: Explanation}")
+    T = {len(e) for e in explanations.values()}
+    if len(T) != 1:
+        raise ValueError(f"the explanations cover different numbers of tests: {sorted(T)}")
+    T = T.pop()
+    for name, given in (("test_names", test_names), ("test_labels", test_labels)):
+        if given is not None and len(given) != T:
+            raise ValueError(f"{name} must have T={T} entries, got {len(given)}")
+    return explanations, T
+
+
+def test_name(t: int, test_names=None) -> str:
+    """The caption of test row t: test_names[t], or "test #t"."""
+    return f"test #{t}" if test_names is None else str(test_names[t])
 
 
 def class_name(label: int, class_names=None) -> str:

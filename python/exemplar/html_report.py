@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .display import SCORE_UNITS, Examples, class_name, png_bytes
-from .results import Explanation
+from .display import SCORE_UNITS, Examples, by_heading, class_name, png_bytes, test_name
 from .saved import write_atomic
 
 TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
@@ -56,19 +55,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
     attr.self_influence("if")); the `suspects` largest are listed on a page of
     their own as the training examples most worth checking for wrong labels.
     """
-    if isinstance(explanations, Explanation):
-        explanations = {explanations.method or "scores": explanations}
-    if not isinstance(explanations, dict) or not explanations \
-            or not all(isinstance(e, Explanation) for e in explanations.values()):
-        raise TypeError("explanations must be an Explanation or a non-empty dict {heading: Explanation}")
-    T = {len(e) for e in explanations.values()}
-    if len(T) != 1:
-        raise ValueError(f"the explanations cover different numbers of tests: {sorted(T)}")
-    T = T.pop()
-    if test_names is not None and len(test_names) != T:
-        raise ValueError(f"test_names must have T={T} entries, got {len(test_names)}")
-    if test_labels is not None and len(test_labels) != T:
-        raise ValueError(f"test_labels must have T={T} entries, got {len(test_labels)}")
+    explanations, T = by_heading(explanations, test_names, test_labels)
     if isinstance(suspects, bool) or not isinstance(suspects, int) or suspects < 1:
         raise ValueError(f"suspects must be an integer >= 1, got {suspects!r}")
     tests, train = Examples(test_inputs, image_shape), Examples(train_inputs, image_shape)
@@ -91,7 +78,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
     parts.append("</ul></div><h2 id='explanations'>Explanations</h2>")
     columns = f"grid-template-columns:repeat({len(explanations)},minmax(0,1fr))"  # methods side by side
     for t in range(T):
-        name = f"test #{t}" if test_names is None else str(test_names[t])
+        name = test_name(t, test_names)
         explained, predicted = int(first.labels[t]), int(first.predictions[t])
         lines = [f"<b>{html.escape(name)}</b>"]
         if test_labels is not None:

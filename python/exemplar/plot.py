@@ -2,8 +2,7 @@
 images, one row per (test, method). Needs matplotlib (pip install matplotlib)."""
 from __future__ import annotations
 
-from .display import Examples, class_name
-from .results import Explanation
+from .display import Examples, by_heading, class_name, test_name
 
 
 def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_labels=None,
@@ -21,11 +20,10 @@ def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_lab
         matplotlib.use("Agg")  # saving needs no display
     import matplotlib.pyplot as plt
 
-    if isinstance(explanations, Explanation):
-        explanations = {explanations.method or "scores": explanations}
+    explanations, T = by_heading(explanations, test_names, test_labels)
     tests, train = Examples(test_inputs, image_shape), Examples(train_inputs, image_shape)
     rows = []
-    for t in range(len(next(iter(explanations.values())))):
+    for t in range(T):
         for heading, e in explanations.items():
             items = [(i, s, "") for i, s in zip(e.indices[t].tolist(), e.scores[t].tolist())]
             if e.opponents is not None:
@@ -35,7 +33,7 @@ def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_lab
     width = 1 + max(len(items) for *_, items in rows)
     fig, axes = plt.subplots(len(rows), width, figsize=(cell * width, cell * 1.25 * len(rows)), squeeze=False)
     for r, (t, heading, e, items) in enumerate(rows):
-        name = f"test #{t}" if test_names is None else str(test_names[t])
+        name = test_name(t, test_names)
         truth = "" if test_labels is None else f"label {class_name(int(test_labels[t]), class_names)}, "
         p = "" if e.probabilities is None else f" p={float(e.probabilities[t]):.2f}"
         _draw(axes[r][0], tests[t], f"{name}\n{truth}pred {class_name(int(e.predictions[t]), class_names)}{p}")
