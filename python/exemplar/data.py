@@ -161,9 +161,15 @@ def as_last_layer_data(data, name: str = "test") -> LastLayerData:
             parts.append(LastLayerData(*batch))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{name} batch {i}: {err}") from None
+    return join([(p.features, p.logits, p.labels) for p in parts], name)
+
+
+def join(parts: list[tuple], name: str) -> LastLayerData:
+    """One LastLayerData of batches (features, logits, labels or None), in order."""
     if not parts:
         raise ValueError(f"{name} yielded no batches")
-    if len({p.labels is None for p in parts}) > 1:
-        raise ValueError(f"some batches of {name} had labels and some did not")
-    return LastLayerData(torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]),
-                         None if parts[0].labels is None else torch.cat([p.labels for p in parts]))
+    if len({labels is None for *_, labels in parts}) > 1:
+        raise ValueError(f"some batches had labels and some did not ({name})")
+    labels = [y for *_, y in parts]
+    return LastLayerData(torch.cat([x for x, _, _ in parts]), torch.cat([z for _, z, _ in parts]),
+                         None if labels[0] is None else torch.cat(labels))

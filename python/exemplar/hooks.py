@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .data import LastLayerData, integer_labels
+from .data import integer_labels, join
 from .progress import Progress
 from .store import DEFAULT_SHARD_ROWS, StoreWriter
 
@@ -166,14 +166,7 @@ class LastLayer:
         complete shard without rerunning the model on the rows before it."""
         order = _fixed_order(loader)
         if store is None:
-            parts = [batch for _, batch in self._batches(loader, progress)]
-            if not parts:
-                raise ValueError("loader yielded no batches")
-            if any(y is None for *_, y in parts) and any(y is not None for *_, y in parts):
-                raise ValueError("some batches had labels and some did not")
-            labels = [y for *_, y in parts]
-            return LastLayerData(torch.cat([x for x, _, _ in parts]), torch.cat([z for _, z, _ in parts]),
-                                 None if labels[0] is None else torch.cat(labels))
+            return join([batch for _, batch in self._batches(loader, progress)], "loader")
         writer = None
         for start, (x, z, y) in self._batches(loader, progress, skip=lambda: writer):
             if y is None:
