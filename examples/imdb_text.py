@@ -167,7 +167,7 @@ def main(argv=None) -> None:
                       f"score {score:+.3g})")
                 print(show(train_texts[i], limit=180))
     suspects = explainer.attributor.self_influence("if")
-    top = torch.sort(suspects, descending=True, stable=True).indices[:3].tolist()
+    top = exemplar.debugging.suspicion_order(suspects, "if")[:3].tolist()
     print("\nTraining reviews with the largest self-influence (label suspects):")
     for i in top:
         print(f"  #{i} labelled {sentiment[int(train_labels[i])]}:")

@@ -22,6 +22,7 @@ import torch
 from . import methods
 from .attributor import CURVATURES, KFAC_DAMPINGS, Attributor
 from .data import LastLayerData
+from .debugging import suspicion_order
 from .progress import Progress
 from .results import Explanation, TopK
 
@@ -93,7 +94,7 @@ def fit(args) -> None:
         for m in _methods(args.methods):
             attr.prepare(m)
     except (TypeError, ValueError) as err:
-        raise CommandError(f"fit: {err}") from None
+        raise CommandError(str(err)) from None
     attr.save(_output(args.output, (".safetensors",)))
     print(f"fitted {attr!r} on N={len(train)} examples; wrote {args.output}")
 
@@ -158,7 +159,7 @@ def self_influence(args) -> None:
     method = _methods(args.method)[0]
     out = _output(args.output)
     scores = attr.self_influence(method)
-    order = torch.sort(scores, descending=True, stable=True).indices[:args.top or None]
+    order = suspicion_order(scores, method)[:args.top or None]
     if out.suffix == ".safetensors":
         import safetensors.torch
 
@@ -272,7 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p = command("self-influence", self_influence, "training examples ranked by self-influence (label suspects)")
     p.add_argument("fit", help="a file from `exemplar fit`")
     p.add_argument("-o", "--output", required=True, help=".safetensors, .csv or .parquet")
-    p.add_argument("--method", default="if", help="if, theta_relatif, l_relatif, grad_dot, rps_l2, rps_lje, ...")
+    p.add_argument("--method", default="if", help="if, theta_relatif, l_relatif, grad_dot, grad_cos (by value) "
+                                                  "or rps_l2, rps_lje (by magnitude)")
     p.add_argument("--top", type=_count(0), default=0, help="keep the top N rows of the table (default all)")
 
     p = command("report", report, "a self-contained HTML report of explanations and suspects")

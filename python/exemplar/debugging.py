@@ -20,13 +20,21 @@ DEBUG_METHODS = ("if", "rps_l2", "rps_lje", "random")
 def inspection_order(attributor: Attributor, method: str = "if") -> torch.Tensor:
     """(N,) training indices, most suspicious first: by self-influence for the
     influence methods, by |self-contribution| |alpha_i K(x_i, x_i)| for RPS."""
+    _check_ranked(method)
+    return suspicion_order(attributor.self_influence(method), method)
+
+
+def suspicion_order(self_influence: torch.Tensor, method: str) -> torch.Tensor:
+    """inspection_order from self-influence scores (N,) already computed by `method`."""
+    _check_ranked(method)
+    score = self_influence.abs() if methods.get(method).family == "representer" else self_influence
+    return torch.sort(score, descending=True, stable=True).indices
+
+
+def _check_ranked(method: str) -> None:
     ranked = methods.names("influence") + methods.names("representer")
     if method not in ranked:
         raise ValueError(f"method must be one of {ranked}, got {method!r}")
-    score = attributor.self_influence(method)
-    if methods.get(method).family == "representer":
-        score = score.abs()
-    return torch.sort(score, descending=True, stable=True).indices
 
 
 def flip_labels(labels: torch.Tensor, num_classes: int, fraction: float, seed: int = 0):

@@ -77,7 +77,7 @@ def main(argv=None) -> None:
                 shown = ", ".join(f"#{i} (label {int(ytr[i])}, {s:+.3g})"
                                   for i, s in zip(indices.tolist(), scores.tolist()))
                 print(f"  {heading:>9} {kind}: {shown}")
-    top = torch.sort(suspects, descending=True, stable=True).indices[:5].tolist()
+    top = exemplar.debugging.suspicion_order(suspects, "if")[:5].tolist()
     print("\nTraining images most worth a label check (largest IF self-influence): "
           + ", ".join(f"#{i} (label {int(ytr[i])})" for i in top))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .debugging import suspicion_order
 from .display import SCORE_UNITS, Examples, by_heading, class_name, png_bytes, test_name
 from .saved import write_atomic
 
@@ -52,7 +53,8 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
     true labels, when known. class_names: names indexed by class. test_names:
     a caption per test (default "test #i", i its row in the explanations).
     self_influence (N,): scores by `self_influence_method` (e.g.
-    attr.self_influence("if")); the `suspects` largest are listed on a page of
+    attr.self_influence("if")); the `suspects` first in inspection order
+    (the largest; for RPS the largest in magnitude) are listed on a page of
     their own as the training examples most worth checking for wrong labels.
     """
     explanations, T = by_heading(explanations, test_names, test_labels)
@@ -112,7 +114,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
 
 def _suspects(scores, count, method, train, label_of, class_names) -> str:
     scores = torch.as_tensor(scores).detach().cpu().double().reshape(-1)
-    order = torch.sort(scores, descending=True, stable=True).indices[:count]
+    order = suspicion_order(scores, method)[:count]
     rows = ["<h2 id='suspects'>Self-influence suspects</h2><p class='legend'>The training examples with the "
             f"largest self-influence ({html.escape(method)}: the score of each example for its own label), "
             "most suspicious first: the model finds them hard, and mislabelled examples rank high. Check "
