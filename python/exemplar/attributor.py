@@ -23,7 +23,7 @@ from .jobs import ResultFolder, tensor_checksum
 from .methods import Query, TrainOperands
 from .progress import Progress
 from .results import Explanation, TopK
-from .screen import PRECISIONS
+from .screen import check_precision
 from .store import Store
 
 FORMAT = "exemplar.Attributor/1"
@@ -443,8 +443,7 @@ class Attributor:
             raise TypeError(f"largest must be True or False, got {largest!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_precision(precision)
         methods.get(method)  # the method and the test set are checked before any work
         test = self.check_test(test)
         if out is None:

@@ -95,8 +95,7 @@ def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
     (run on no test rows, so every message is the op's)."""
     from . import screen
 
-    if precision not in screen.PRECISIONS:
-        raise ValueError(f"precision must be one of {screen.PRECISIONS}, got {precision!r}")
+    screen.check_precision(precision)
     if kernel != "default":
         raise ValueError(f"precision={precision!r} screens on the streamed path; kernel must be 'default', "
                          f"got {kernel!r}")

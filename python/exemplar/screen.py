@@ -25,6 +25,11 @@ F32_ROUNDOFF = 2.0 ** -24
 SCREEN_CELLS = 1 << 22  # (test terms x train rows) per screened tile
 
 
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 class Screened(NamedTuple):
     values: torch.Tensor  # (T, k)
     indices: torch.Tensor  # (T, k)
