@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import exemplar
-from exemplar.linear import fit_softmax_regression
+from exemplar.testing.linear import fit_softmax_regression
 from workloads import topk_overlap
 
 CURVATURES = [("kfac", "eigenbasis", None), ("kfac", "factored", None), ("ekfac", "eigenbasis", None),

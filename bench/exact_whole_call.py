@@ -19,9 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import baselines  # noqa: E402
-from workloads import topk_overlap  # noqa: E402
-
 import exemplar  # noqa: E402
+from workloads import topk_overlap  # noqa: E402
 
 WORKLOADS = [  # (D, N, methods)
     (128, 10_000, ("if",)),

@@ -14,9 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import baselines  # noqa: E402
-from workloads import theta_relatif_operands  # noqa: E402
-
 from exemplar import ops  # noqa: E402
+from workloads import theta_relatif_operands  # noqa: E402
 
 
 def timed(fn, repeats=3):
@@ -71,10 +70,10 @@ def main():
         inputs = sum(x.numel() * x.element_size() for x in operands)
         op = ops.topk if path == "general" else ops.topk_rank1
         if path == "general":
-            chunked = lambda: baselines.chunked_general(*operands, k=k, chunk=8192)
+            chunked = lambda x=operands: baselines.chunked_general(*x, k=k, chunk=8192)
             K = C * Dp
         else:
-            chunked = lambda: baselines.chunked_rank1(*operands, k=k, chunk=65536)
+            chunked = lambda x=operands: baselines.chunked_rank1(*x, k=k, chunk=65536)
             K = C + Dp
         flops = 2 * T * N * K
         t_chunked, (v_chunked, _) = timed(chunked)
@@ -84,7 +83,7 @@ def main():
                     ("tf32 screen", {"precision": "tf32"}), ("bf16 screen", {"precision": "bf16"})]
         _, exact_indices = op(*operands, k, True)
         for name, options in variants:
-            ours = lambda: op(*operands, k, True, **options)
+            ours = lambda op=op, x=operands, options=options: op(*x, k, True, **options)
             t_ours, (v_ours, i_ours) = timed(ours)
             mem = peak_extra(ours)
             agree = float((v_ours - v_chunked).abs().max() / v_chunked.abs().max())

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import exemplar
-from exemplar.store import StoreWriter
+from exemplar.storage import StoreWriter
 
 D, C, K = 256, 10, 10
 

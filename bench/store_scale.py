@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import exemplar
+from exemplar.storage import Store, StoreWriter
 from workloads import status_bytes
-from exemplar.store import Store, StoreWriter
 
 
 def phase(name, fn, **extra):
@@ -88,7 +88,7 @@ def main():
                       "store_gb": round(N * (D + C) * 4 / 1e9, 1), "threads": torch.get_num_threads()}), flush=True)
 
     memory = exemplar.LastLayerData(*chunk(0, args.memory_rows, D, C, head))
-    attr, _ = phase("memory fit", lambda: exemplar.Attributor(memory, **settings), rows=args.memory_rows)
+    attr, _ = phase("memory fit", lambda data=memory: exemplar.Attributor(data, **settings), rows=args.memory_rows)
     one = test[:1]
     phase("memory normalisers", lambda: attr.topk(one, k, "theta_relatif"))
     _, seconds = phase("memory query", lambda: attr.topk(test, k, "theta_relatif"))

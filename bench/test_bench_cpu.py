@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 
-from exemplar import ops
-
 import baselines
+from exemplar import ops
 from workloads import theta_relatif_operands
 
 SMOKE = os.environ.get("EXEMPLAR_BENCH") == "smoke"

@@ -6,10 +6,10 @@
 #include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <vector>
 
 #include "checks.h"
+#include "order.h"
 #include "tiles.h"
 
 namespace exemplar {
@@ -236,30 +236,21 @@ at::Tensor cholesky_quad_norms(const at::Tensor& R, const at::Tensor& Phi, const
 
 namespace {
 // The device-generic top-k (the default on CUDA): each (test block x train
-// tile) of scores is merged with the block's running best by two stable
-// sorts, by value with NaN as the worst number and then NaN after every
-// number. The running best holds only smaller training indices, in RankOrder,
-// and each tile is in index order, so stability leaves ties by ascending
-// index: the order csrc/order.h defines, from sorts any device has.
+// tile) of scores is merged with the block's running best by order.h's
+// rank_order_first. The running best holds only smaller training indices, in
+// RankOrder, and each tile is in index order, so ties stay by ascending index.
 std::tuple<at::Tensor, at::Tensor> merged_topk(TileScorer& scorer, const at::Tensor& R, int64_t k,
                                                bool largest) {
   const int64_t T = scorer.tests(), N = R.size(0);
   const int64_t blocks = (T + kTestBlockRows - 1) / kTestBlockRows;
   std::vector<at::Tensor> best_values(blocks), best_indices(blocks);
-  const double worst = largest ? -std::numeric_limits<double>::infinity()
-                               : std::numeric_limits<double>::infinity();
   stream_tiles(scorer, N, R.options(),
                [&](int64_t t0, int64_t tb, int64_t n0, int64_t nt, const at::Tensor& tile) {
                  const int64_t b = t0 / kTestBlockRows;
                  auto ids = at::arange(n0, n0 + nt, R.options().dtype(at::kLong)).expand({tb, nt});
                  auto v = best_values[b].defined() ? at::cat({best_values[b], tile}, 1) : tile.clone();
                  auto i = best_indices[b].defined() ? at::cat({best_indices[b], ids}, 1) : ids.contiguous();
-                 auto nan = at::isnan(v);
-                 auto by_value = std::get<1>(
-                     at::sort(v.masked_fill(nan, worst), std::optional<bool>(true), 1, largest));
-                 auto by_nan = std::get<1>(
-                     at::sort(nan.gather(1, by_value).to(at::kByte), std::optional<bool>(true), 1, false));
-                 auto order = by_value.gather(1, by_nan).narrow(1, 0, std::min<int64_t>(k, v.size(1)));
+                 auto order = rank_order_first(v, k, largest);
                  best_values[b] = v.gather(1, order);
                  best_indices[b] = i.gather(1, order);
                });

@@ -1,5 +1,7 @@
-// The one ranking rule of every top-k, on every device (csrc/cpu/topk.cpp,
-// csrc/cuda/topk.cu): the better score first (larger when Largest), NaN after
+// The one ranking rule of every top-k, on every device (the CPU heap in
+// csrc/cpu/topk.cpp, the fused kernel in csrc/cuda/topk.cu, and the sort-merge
+// of composite.cpp through rank_order_first below; Python's ops/order.py
+// merge_topk is the same rule): the better score first (larger when Largest), NaN after
 // every number whichever way we rank, and equal scores (NaNs among them) by
 // ascending training index. It is a strict total order on (score, index)
 // pairs, so top-k(k) is a prefix of top-k(k + 1), every slot of a top-k with
@@ -29,3 +31,29 @@ struct RankOrder {
 };
 
 }  // namespace exemplar
+
+#if !defined(__CUDACC__)
+#include <ATen/ATen.h>
+
+#include <limits>
+
+namespace exemplar {
+
+// RankOrder on whole rows of a tensor, from sorts any device has (the
+// device-generic top-k in composite.cpp): the positions of the first k of
+// each row of v (T, n), ranked by two stable sorts — by value with NaN as the
+// worst number, then NaN after every number. Ties keep their order in v, so v
+// must hold tied entries in ascending training index, as the running best
+// followed by a tile in index order does.
+inline at::Tensor rank_order_first(const at::Tensor& v, int64_t k, bool largest) {
+  const double worst = largest ? -std::numeric_limits<double>::infinity()
+                               : std::numeric_limits<double>::infinity();
+  auto nan = at::isnan(v);
+  auto by_value = std::get<1>(at::sort(v.masked_fill(nan, worst), std::optional<bool>(true), 1, largest));
+  auto by_nan =
+      std::get<1>(at::sort(nan.gather(1, by_value).to(at::kByte), std::optional<bool>(true), 1, false));
+  return by_value.gather(1, by_nan).narrow(1, 0, std::min<int64_t>(k, v.size(1)));
+}
+
+}  // namespace exemplar
+#endif

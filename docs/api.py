@@ -10,16 +10,16 @@ from pathlib import Path
 
 import exemplar
 import exemplar.ops
-import exemplar.store
-from exemplar import plot
+import exemplar.storage
 
 SECTIONS = [
-    ("Data", ["LastLayerData", "LastLayer", "store.Store", "store.write_store"]),
-    ("Scoring", ["Attributor", "Explainer", "METHODS", "INFLUENCE_METHODS", "CURVATURES"]),
+    ("Data", ["LastLayerData", "LastLayer", "storage.Store", "storage.write_store"]),
+    ("Scoring", ["Attributor", "Settings", "Explainer", "METHODS", "INFLUENCE_METHODS", "CURVATURES"]),
     ("Results", ["TopK", "Explanation", "report", "plot.grid"]),
     ("Selection and data debugging", ["divine", "divine_global", "inspection_order", "flip_labels",
                                       "debug_labels", "Fit"]),
-    ("Extending and embedding", ["register", "Method", "TrainOperands", "Query", "General", "Rank1",
+    ("Extending and embedding", ["register", "Method", "methods.Context", "curvature.register",
+                                 "curvature.Curvature", "TrainOperands", "Query", "General", "Rank1",
                                  "ops.scores", "ops.scores_rank1", "ops.topk", "ops.topk_rank1", "cuda_compiled"]),
 ]
 
@@ -55,6 +55,37 @@ def doc(obj) -> str:
     return inspect.getdoc(target) or ""
 
 
+SECTION_HEADINGS = ("Arguments:", "Returns:", "Raises:")
+
+
+def markdown(text: str) -> str:
+    """A docstring as Markdown: its "Arguments:" / "Returns:" / "Raises:"
+    sections become a bold heading and, for arguments, one bullet per
+    `name: description` (continuation lines joined), so they do not run
+    together as one paragraph."""
+    out, section = [], None
+    for line in text.splitlines():
+        if line.strip() in SECTION_HEADINGS:
+            section = line.strip()[:-1]
+            while out and not out[-1]:
+                out.pop()
+            out += ["", f"**{section}**", ""]
+            continue
+        if section is None or not line.startswith("    "):
+            section = None if line and not line.startswith(" ") else section
+            out.append(line)
+            continue
+        body = line[4:]
+        if section == "Arguments" and not body.startswith(" ") and ": " in body:
+            name, rest = body.split(": ", 1)
+            out.append(f"- `{name}`: {rest}")
+        elif out and out[-1]:
+            out[-1] += " " + body.strip()
+        else:
+            out.append(body.strip())
+    return "\n".join(out).strip()
+
+
 def render() -> str:
     lines = ["# API reference", "",
              "Generated from the docstrings by `python docs/api.py`; the design and the math are in "
@@ -66,11 +97,11 @@ def render() -> str:
             if not callable(obj):
                 lines += [f"### `exemplar.{name}`", "", f"`{obj!r}`", ""]
                 continue
-            lines += [f"### `exemplar.{name}{signature(obj)}`", "", doc(obj), ""]
+            lines += [f"### `exemplar.{name}{signature(obj)}`", "", markdown(doc(obj)), ""]
             if inspect.isclass(obj) and not issubclass(obj, tuple):
                 for member, value in public_members(obj):
                     suffix = "" if isinstance(value, property) else signature(value)
-                    lines += [f"#### `{name}.{member}{suffix}`", "", doc(value), ""]
+                    lines += [f"#### `{name}.{member}{suffix}`", "", markdown(doc(value)), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     fixed = torch.utils.data.DataLoader(train_set, batch_size=128)  # exemplar needs a fixed order
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=128)
     print(f"IMDB: {len(train_set)} training / {len(test_set)} test reviews. 2-layer BERT (hidden 64) trained "
-          f"{args.epochs} epochs in {time.perf_counter() - start:.0f}s: test accuracy {accuracy(model, test_loader):.3f}")
+          f"{args.epochs} epochs in {time.perf_counter() - start:.0f}s: "
+          f"test accuracy {accuracy(model, test_loader):.3f}")
 
     start = time.perf_counter()
     # Dict batches (input_ids, attention_mask, labels) go in as they are; the
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
                       f"score {score:+.3g})")
                 print(show(train_texts[i], limit=180))
     suspects = explainer.attributor.self_influence("if")
-    top = exemplar.debugging.suspicion_order(suspects, "if")[:3].tolist()
+    top = exemplar.analysis.debugging.suspicion_order(suspects, "if")[:3].tolist()
     print("\nTraining reviews with the largest self-influence (label suspects):")
     for i in top:
         print(f"  #{i} labelled {sentiment[int(train_labels[i])]}:")

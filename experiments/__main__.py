@@ -27,7 +27,8 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=list(EXPERIMENTS) + ["all"])
     parser.add_argument("--quick", action="store_true", help="small settings, <= 2 minutes on 2 CPU cores")
-    parser.add_argument("--out", default=None, help=f"results folder (default: {FULL_ROOT}, or {QUICK_ROOT} with --quick)")
+    parser.add_argument("--out", default=None,
+                        help=f"results folder (default: {FULL_ROOT}, or {QUICK_ROOT} with --quick)")
     args = parser.parse_args(argv)
     for name in EXPERIMENTS if args.name == "all" else [args.name]:
         run(name, args.quick, args.out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import exemplar
-from exemplar.linear import fit_softmax_regression
+from exemplar.testing.linear import fit_softmax_regression
 
 WEIGHT_DECAY = 1e-3
 

@@ -154,7 +154,7 @@ def surnames(per_language: int = 1000):
     del table
     languages = sorted(SURNAME_COUNTRIES)
     taken, count = {}, dict.fromkeys(languages, 0)
-    for rank, language, name in sorted(candidates):
+    for _rank, language, name in sorted(candidates):
         if name not in taken and count[language] < per_language:
             taken[name] = language
             count[language] += 1

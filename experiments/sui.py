@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import exemplar
-from exemplar.debugging import debug_labels
+from exemplar.analysis.debugging import debug_labels
 
 from . import datasets, nets
 from .common import Results, pearson, table
@@ -18,7 +18,7 @@ DEBUG_NAMES = {"if": "IF", "rps_l2": "RPS-l2", "rps_lje": "RPS-LJE", "random": "
 
 def _german_credit(quick: bool, seed: int):
     """XGBoost (30 trees, depth 3) on a random 700/300 split of German credit."""
-    from exemplar.trees import TreeEnsemble
+    from exemplar.models.trees import TreeEnsemble
 
     xgb = datasets.xgboost()
     X, y, _ = datasets.german_credit()

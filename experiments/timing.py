@@ -43,7 +43,8 @@ def running_time(quick: bool, results: Results) -> dict:
     results.add(f"### Time per test point, top-10 over {len(ytr)} training points, LR on MNIST 5k "
                 f"({side}×{side}, {side * side + 1} features × 10 classes), {n_test} test points per call, "
                 f"{torch.get_num_threads()} threads, best of 5\n\n"
-                + table(["curvature", "fit incl. normalisers (s, once)", "IF (ms/test)", "θ-RelatIF (ms/test)", "ℓ-RelatIF (ms/test)",
+                + table(["curvature", "fit incl. normalisers (s, once)", "IF (ms/test)", "θ-RelatIF (ms/test)",
+                         "ℓ-RelatIF (ms/test)",
                          "θ-RelatIF / IF"], rows)
                 + "\n\nThesis Table 2: RelatIF several times slower than IF on small models and 20-40× on "
                   "large ones, because it recomputes H⁻¹g_i per query.")

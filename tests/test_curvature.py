@@ -6,8 +6,7 @@ import torch
 
 import exemplar
 from exemplar import curvature as curv
-from exemplar import reference as ref
-
+from exemplar.testing import reference as ref
 from helpers import make_data, topk_overlap
 
 
@@ -40,7 +39,8 @@ def test_cholesky_path_agrees_with_the_eigendecomposition(dtype, device):
         torch.testing.assert_close(attr.self_influence(method), explicit.self_influence(method), rtol=tol, atol=0)
 
 
-@pytest.mark.parametrize("N", [7, 400])  # both ways to the norms: triangular solves, and the inverse once N > 4 (C-1) Dp
+# both ways to the norms: triangular solves, and the inverse once N > 4 (C-1) Dp
+@pytest.mark.parametrize("N", [7, 400])
 def test_both_norm_paths_match_reference(N):
     train = make_data(N, 3, 4, seed=5)
     attr = exemplar.Attributor(train, curvature="exact", damping=0.05)
@@ -59,7 +59,7 @@ def test_exact_cost_counts_blocks_factorisation_and_norms():
 
 
 def test_a_head_too_large_is_refused_with_its_cost_and_the_alternative(monkeypatch):
-    monkeypatch.setattr(curv, "available_bytes", lambda device: 8 * 10**9)
+    monkeypatch.setattr(curv.exact, "available_bytes", lambda device: 8 * 10**9)
     train = make_data(30, 10, 1600, dtype=torch.float32, seed=1)  # C*Dp = 16010: 8.2 GB of matrices
     with pytest.raises(MemoryError, match=r"C\*Dp = 16010 needs about 8\.2 GB .* more than the 8\.0 GB available "
                                           r"on cpu, and about \d+ s to fit \(\+\d+ s for RelatIF normalisers\) "

@@ -1,8 +1,6 @@
 """torch.distributed with gloo on CPU: 2 and 3 processes (torch.multiprocessing
 spawn), each reading its own shards of one store, give every method's results
 equal to one process's; ranks given different stores are refused."""
-import os
-import pathlib
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import exemplar
-from exemplar.store import write_store
-
+from exemplar.storage import write_store
 from helpers import make_data, make_layer_data
 
 pytestmark = pytest.mark.slow
@@ -75,7 +72,7 @@ def test_ranks_together_equal_one_process(world, tmp_path):
     one = exemplar.Attributor(train, curvature="ekfac", weight=weight, bias=bias)
     want = results(one, test)
     answers = spawn(world, [str(store.path)] * world, tmp_path)
-    for rank, got in enumerate(answers):
+    for got in answers:
         assert set(got["train"]) == set(want)
         for key in want:
             assert_same(got["train"][key], want[key], key)

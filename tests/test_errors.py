@@ -6,7 +6,6 @@ import torch
 
 import exemplar
 from exemplar import ops
-
 from helpers import make_data
 
 
@@ -170,7 +169,8 @@ def test_top_k_kernels_check_k_alike(kernel):
 
 
 def test_rank_m_factors_must_agree():
-    R, Phi, inv = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64), torch.ones(9, dtype=torch.float64)
+    R, Phi = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    inv = torch.ones(9, dtype=torch.float64)
     alpha = torch.randn(2, 5, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"exemplar::topk_rank1: beta must be \(T, m, Dp\) with m from alpha=5, "
                                            r"got shape \[2, 4, 4\]"):

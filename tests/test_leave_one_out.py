@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import exemplar
-from exemplar.linear import fit_softmax_regression
+from exemplar.testing.linear import fit_softmax_regression
 
 LAMBDA = 1e-2
 

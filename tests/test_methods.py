@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import exemplar
-from exemplar import reference as ref
-
+from exemplar.testing import reference as ref
 from helpers import check_topk_near, make_data, make_layer_data
 
 CURVATURE_CASES = [

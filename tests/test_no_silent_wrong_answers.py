@@ -16,8 +16,7 @@ from torch import nn
 
 import exemplar
 from exemplar import ops
-from exemplar import reference as ref
-
+from exemplar.testing import reference as ref
 from helpers import make_data, policy_order
 
 NAN, INF = math.nan, math.inf
@@ -271,7 +270,8 @@ CORRUPTIONS = {
                     r"missing key 'method'"),
     "bad_method": (lambda t, m: (t, json.dumps({**json.loads(m), "method": "tracin"})), r"'method'.*'tracin'"),
     "missing_config_key": (lambda t, m: (t, json.dumps({**json.loads(m), "attributor": {
-        k: v for k, v in json.loads(m)["attributor"].items() if k != "damping"}})), r"missing key 'attributor.damping'"),
+        k: v for k, v in json.loads(m)["attributor"].items() if k != "damping"}})),
+        r"missing key 'attributor.damping'"),
     "flipped_bias": (lambda t, m: (t, edit_config(m, bias=False)), r"attributor.bias"),
     "negative_damping": (lambda t, m: (t, edit_config(m, damping=-1.0)), r"attributor.damping.*>= 0"),
     "string_damping": (lambda t, m: (t, edit_config(m, damping="0.1")), r"attributor.damping.*number"),
@@ -526,7 +526,8 @@ def test_largest_must_be_a_bool():
         with pytest.raises(TypeError, match="largest must be True or False"):
             attr.topk(test, 3, largest=bad)
     one = torch.ones(1, 1, dtype=torch.float64)
-    R, Phi, inv = torch.ones(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    R, Phi = torch.ones(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64)
+    inv = torch.ones(4, dtype=torch.float64)
     with pytest.raises(TypeError, match="largest must be True or False"):
         ops.topk_rank1(one, one, R, Phi, inv, 2, None)
     with pytest.raises(TypeError, match=r"k must be an integer in \[1, N\] = \[1, 4\], got True"):

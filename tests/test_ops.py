@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from exemplar import ops
-from exemplar import reference as ref
-
+from exemplar.testing import reference as ref
 from helpers import PATH_SIZES, PATHS, check_topk_near, general_operands, make_data, opcheck_cases, randn
 
 # Relative tolerance against float64 truth. The CUDA float32 kernels sum in a

@@ -12,8 +12,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import exemplar  # noqa: E402
 from exemplar import ops  # noqa: E402
-from exemplar import reference as ref  # noqa: E402
-
+from exemplar.testing import reference as ref  # noqa: E402
 from helpers import policy_order  # noqa: E402
 
 BOUNDED = settings(max_examples=60, deadline=None, derandomize=True)

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import exemplar
-from exemplar import reference as ref
-
+from exemplar.testing import reference as ref
 from helpers import make_data, make_layer_data, topk_overlap
 
 CURVATURE_CASES = [("exact", "eigenbasis"), ("kfac", "eigenbasis"), ("kfac", "factored"),
@@ -43,7 +42,7 @@ def test_rps_l2_decomposes_the_refit_logits(bias):
         train = exemplar.LastLayerData(train.features, train.features @ weight.T, train.labels)
     attr = exemplar.Attributor(train, weight=weight, bias=b if bias else False, rps_lambda=1e-3)
     scores = attr.scores(test, "rps_l2")
-    theta = exemplar.methods.get("rps_l2").refit(attr)
+    theta = exemplar.methods.get("rps_l2").refit(attr.context)
     phi_t = ref.augment(test.features, bias)
     refit = (phi_t @ theta.T).gather(1, test.labels.view(-1, 1)).view(-1)
     assert rel_err(scores.sum(1), refit) <= 1e-4

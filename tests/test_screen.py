@@ -1,11 +1,12 @@
-"""precision="tf32" | "bf16" top-k (exemplar.screen): the screen's error bound
+"""precision="tf32" | "bf16" top-k (exemplar.ops.screen): the screen's error bound
 holds, the answers equal precision="exact"'s (random data, near-ties at the
 cut, wide dynamic range, large D, both paths), and the screen prunes."""
 import pytest
 import torch
 
 import exemplar
-from exemplar import ops, screen
+from exemplar import ops
+from exemplar.ops import screen
 from helpers import make_data
 
 PRECISIONS = ("tf32", "bf16")

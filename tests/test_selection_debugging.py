@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import exemplar
-from exemplar import reference as ref
-from exemplar.selection import REGULARIZERS, greedy_select, rbf_kernel
-
+from exemplar.analysis.selection import REGULARIZERS, greedy_select, rbf_kernel
+from exemplar.testing import reference as ref
 from helpers import make_data, make_layer_data
 
 
@@ -75,14 +74,14 @@ def test_inspection_order_and_detection_curve():
     assert int(flipped.sum()) == 15 and bool((noisy[flipped] != train.labels[flipped]).all())
     assert torch.equal(noisy[~flipped], train.labels[~flipped])
     perfect = torch.cat([flipped.nonzero().view(-1), (~flipped).nonzero().view(-1)])
-    curve = exemplar.debugging.found_fraction(perfect, flipped, [0.0, 0.1, 0.25, 1.0])
+    curve = exemplar.analysis.debugging.found_fraction(perfect, flipped, [0.0, 0.1, 0.25, 1.0])
     assert curve == [0.0, 0.4, 1.0, 1.0]
 
 
 def test_debug_labels_finds_flipped_labels_on_digits():
     from sklearn.datasets import load_digits
 
-    from exemplar.linear import fit_softmax_regression
+    from exemplar.testing.linear import fit_softmax_regression
 
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0)
@@ -114,7 +113,7 @@ xgb = pytest.importorskip("xgboost", reason="tree ensembles need: pip install xg
 
 @pytest.mark.parametrize("num_class", [2, 4])
 def test_xgboost_booster_as_a_linear_layer(num_class):
-    from exemplar.trees import TreeEnsemble
+    from exemplar.models.trees import TreeEnsemble
 
     g = torch.Generator().manual_seed(27)
     X = torch.randn(200, 5, generator=g, dtype=torch.float64)

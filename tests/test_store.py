@@ -14,8 +14,7 @@ import torch
 
 import exemplar
 from exemplar import curvature as curv
-from exemplar.store import Store, StoreError, StoreWriter, write_store
-
+from exemplar.storage import Store, StoreError, StoreWriter, write_store
 from helpers import make_data, make_layer_data
 
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
@@ -103,7 +102,7 @@ def test_a_second_attributor_reads_the_fits_from_the_store(layer, tmp_path, monk
     want = {m: first.topk(test, 4, m) for m in ("theta_relatif", "l_relatif", "rps_l2", "rps_lje")}
     monkeypatch.setattr(curv, "build", lambda *a, **k: pytest.fail("the curvature was refitted"))
     monkeypatch.setattr(curv.Eigenbasis, "norms", lambda *a, **k: pytest.fail("normalisers were recomputed"))
-    monkeypatch.setattr(exemplar.rps, "fit_l2", lambda *a, **k: pytest.fail("RPS-l2 was refitted"))
+    monkeypatch.setattr(exemplar.methods.rps, "fit_l2", lambda *a, **k: pytest.fail("RPS-l2 was refitted"))
     second = exemplar.Attributor(path, curvature="ekfac", weight=weight, bias=bias)
     for m, (values, indices) in want.items():
         got = second.topk(test, 4, m)
@@ -266,7 +265,8 @@ def test_a_store_test_set_of_another_width_is_refused(small_store):
     attr = exemplar.Attributor(small_store.path)
     with pytest.raises(ValueError, match=r"test.features must have shape \(T, D\) with D=4"):
         attr.topk(make_data(3, 3, 5, seed=1, labels=False), 2)
-    with pytest.raises(ValueError, match=r"state_dict\(\) saves an in-memory Attributor"):
+    with pytest.raises(ValueError, match=r"state_dict\(\) needs the training set in memory; "
+                                         r"an Attributor over the store"):
         attr.state_dict()
 
 

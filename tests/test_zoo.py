@@ -13,8 +13,6 @@ import torch
 
 import exemplar
 
-
-
 ZOO = Path(sys.prefix) / "zoo"  # torchvision and timm, off sys.path: scripts/setup.sh says why
 
 

@@ -7,7 +7,9 @@
 
 PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
-  py::class_<exemplar::ShardReader>(m, "ShardReader")
+  py::class_<exemplar::ShardReader>(m, "ShardReader",
+                                    "Reads a store's shard files one ahead of the consumer on a background "
+                                    "thread, checking each file's size and CRC-32 (csrc/io/shard_reader.h).")
       .def(py::init([](const std::vector<std::tuple<std::string, int64_t, uint32_t>>& files, bool pinned,
                        int64_t depth) {
              std::vector<exemplar::ShardFile> list;

@@ -1,20 +1,28 @@
-"""exemplar: explain a classifier's predictions by the training examples behind them."""
-from . import methods
-from .attributor import CURVATURES, INFLUENCE_METHODS, METHODS, Attributor
-from .curvature import General, Rank1
-from .data import LastLayerData
-from .debugging import Fit, debug_labels, flip_labels, inspection_order
-from .explainer import Explainer
-from .hooks import LastLayer
-from . import plot
-from .html_report import report
-from .methods import Method, Query, TrainOperands, register
-from .ops import cuda_compiled
-from .results import Explanation, TopK
-from .selection import divine, divine_global
+"""exemplar: explain a classifier's predictions by the training examples behind them.
 
-__all__ = ["Attributor", "LastLayerData", "LastLayer", "Explainer", "Explanation", "TopK", "report", "plot",
-           "CURVATURES", "INFLUENCE_METHODS", "METHODS", "Method", "register", "methods", "TrainOperands",
-           "Query", "General", "Rank1", "cuda_compiled", "divine", "divine_global", "inspection_order",
-           "flip_labels", "debug_labels", "Fit"]
+The package is laid out by extension point, imports running one way
+(docs/design.md §4): ops <- curvature <- methods <- engine <- models /
+analysis / report <- cli, with data, progress, results and storage below
+the engine."""
+from . import curvature, methods
+from .analysis.debugging import Fit, debug_labels, flip_labels, inspection_order
+from .analysis.selection import divine, divine_global
+from .data import LastLayerData
+from .engine import Attributor, Settings
+from .methods import Method, register
+from .models.explainer import Explainer
+from .models.hooks import LastLayer
+from .ops import General, Query, Rank1, TrainOperands, cuda_compiled
+from .report import plot
+from .report.html import report
+from .results import Explanation, TopK
+
+METHODS = methods.names()
+INFLUENCE_METHODS = methods.names("influence")
+CURVATURES = curvature.names()
+
+__all__ = ["Attributor", "Settings", "LastLayerData", "LastLayer", "Explainer", "Explanation", "TopK", "report",
+           "plot", "CURVATURES", "INFLUENCE_METHODS", "METHODS", "Method", "register", "methods", "curvature",
+           "TrainOperands", "Query", "General", "Rank1", "cuda_compiled", "divine", "divine_global",
+           "inspection_order", "flip_labels", "debug_labels", "Fit"]
 __version__ = "0.1.0"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import methods
-from .attributor import CURVATURES, KFAC_DAMPINGS, Attributor
+from . import curvature, methods
+from .analysis.debugging import suspicion_order
 from .data import LastLayerData
-from .debugging import suspicion_order
+from .engine import KFAC_DAMPINGS, Attributor
 from .progress import Progress
 from .results import Explanation, TopK
 
@@ -85,6 +85,7 @@ def _write_table(frame, path: Path) -> None:
 
 
 def fit(args) -> None:
+    """exemplar fit: an Attributor over a training file, saved to -o."""
     train, extra = read_data(args.train, True, "training")
     weight, bias = extra.get("weight"), extra.get("bias")
     try:
@@ -135,6 +136,7 @@ def _checked(attr: Attributor, test: LastLayerData, k: int, opponents: int) -> N
 
 
 def topk(args) -> None:
+    """exemplar topk: proponents (and opponents) of a test file by a saved fit."""
     attr = _load(args.fit)
     test, _ = read_data(args.test, False, "test")
     method = _methods(args.method)[0]
@@ -155,6 +157,7 @@ def topk(args) -> None:
 
 
 def self_influence(args) -> None:
+    """exemplar self-influence: the training examples most worth relabelling."""
     attr = _load(args.fit)
     method = _methods(args.method)[0]
     out = _output(args.output)
@@ -199,7 +202,8 @@ def _inputs(path, count: int, name: str):
 
 
 def report(args) -> None:
-    from .html_report import report as write_report
+    """exemplar report: an HTML report of a test file's explanations."""
+    from .report.html import report as write_report
 
     attr = _load(args.fit)
     test, _ = read_data(args.test, False, "test")
@@ -232,6 +236,7 @@ def _count(minimum: int):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
     top = argparse.ArgumentParser(prog="exemplar", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,16 +251,18 @@ def parser() -> argparse.ArgumentParser:
         return p
 
     p = command("fit", fit, "fit an Attributor on a training file and save it")
-    p.add_argument("train", help="safetensors: features (N, D), logits (N, C), labels (N,) [, weight (C, D), bias (C,)]")
+    p.add_argument("train",
+                   help="safetensors: features (N, D), logits (N, C), labels (N,) [, weight (C, D), bias (C,)]")
     p.add_argument("-o", "--output", required=True, help="where to save the fit (.safetensors)")
-    p.add_argument("--curvature", choices=CURVATURES, default="kfac")
+    p.add_argument("--curvature", choices=curvature.names(), default="kfac")
     p.add_argument("--damping", type=float, default=1e-3, help="lambda >= 0 added to the curvature")
     p.add_argument("--kfac-damping", choices=KFAC_DAMPINGS, default="eigenbasis")
     p.add_argument("--rank", default=None, type=lambda s: s if s == "auto" else int(s),
                    help="kfac/ekfac: truncate the inverse to rank m, or 'auto'")
     p.add_argument("--rps-lambda", type=float, default=1e-3, help="RPS-l2's l2 strength")
     p.add_argument("--lje-step", type=float, default=1e-3, help="RPS-LJE's ascent step")
-    p.add_argument("--methods", default="if", help=f"methods to fit now, comma-separated, of {', '.join(methods.names())}")
+    p.add_argument("--methods", default="if",
+                   help=f"methods to fit now, comma-separated, of {', '.join(methods.names())}")
 
     def query_options(p):
         p.add_argument("-k", type=_count(1), default=5, help="proponents per test (default 5)")
@@ -293,6 +300,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command; returns the exit status (2: bad input, one line on stderr)."""
     args = parser().parse_args(argv)
     try:
         args.run(args)

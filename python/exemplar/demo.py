@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 import exemplar
-from exemplar.display import SCORE_UNITS
-from exemplar.linear import fit_softmax_regression
+from exemplar.report.display import SCORE_UNITS
+from exemplar.testing.linear import fit_softmax_regression
 
 N_TRAIN = 1200
 METHODS = {"IF": "if", "θ-RelatIF": "theta_relatif"}
 
 
 def main(argv=None) -> None:
+    """Runs the demo (python -m exemplar.demo --help for its options)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=4, help="test images to explain (the hardest first)")
     parser.add_argument("--k", type=int, default=3, help="proponents and opponents per method")
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
                 shown = ", ".join(f"#{i} (label {int(ytr[i])}, {s:+.3g})"
                                   for i, s in zip(indices.tolist(), scores.tolist()))
                 print(f"  {heading:>9} {kind}: {shown}")
-    top = exemplar.debugging.suspicion_order(suspects, "if")[:5].tolist()
+    top = exemplar.analysis.debugging.suspicion_order(suspects, "if")[:5].tolist()
     print("\nTraining images most worth a label check (largest IF self-influence): "
           + ", ".join(f"#{i} (label {int(ytr[i])})" for i in top))
 

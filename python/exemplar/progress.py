@@ -24,6 +24,7 @@ class Progress:
         self.done, self.start, self.shown = 0, time.monotonic(), time.monotonic()
 
     def update(self, steps: int = 1) -> None:
+        """Counts `steps` more steps and redraws the line when due."""
         self.done += steps
         now = time.monotonic()
         if self.enabled and now - self.shown >= self.interval:

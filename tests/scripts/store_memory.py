@@ -10,7 +10,7 @@ import sys
 import torch
 
 import exemplar
-from exemplar.store import StoreWriter
+from exemplar.storage import StoreWriter
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from peak_memory import status_bytes  # noqa: E402

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .debugging import suspicion_order
+from ..analysis.debugging import suspicion_order
+from ..storage.saved import write_atomic
 from .display import SCORE_UNITS, Examples, by_heading, class_name, png_bytes, test_name
-from .saved import write_atomic
 
 TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
 

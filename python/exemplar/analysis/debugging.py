@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from . import methods
-from .attributor import Attributor
-from .data import LastLayerData, check_labels_in_range
-from .progress import Progress
+from .. import methods
+from ..data import LastLayerData, check_labels_in_range
+from ..engine import Attributor
+from ..progress import Progress
 
 DEBUG_METHODS = ("if", "rps_l2", "rps_lje", "random")
 
@@ -84,6 +84,7 @@ class DebugReport:
     accuracy_noisy: float | None = None
 
     def to_markdown(self) -> str:
+        """The report as a Markdown table, one row per fraction checked."""
         methods = list(self.found)
         lines = [f"Flipped {self.fraction_flipped:.0%} of the training labels.", "",
                  "| fraction checked | " + " | ".join(f"found ({m})" for m in methods) + " |",

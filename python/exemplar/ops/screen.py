@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .blocks import merge_topk
+from .order import merge_topk
 
 PRECISIONS = ("exact", "tf32", "bf16")
 # Unit roundoff of each reduced input format (round to nearest): 2^-(mantissa bits + 1).
@@ -26,6 +26,7 @@ SCREEN_CELLS = 1 << 22  # (test terms x train rows) per screened tile
 
 
 def check_precision(precision) -> None:
+    """Refuses a precision= that is not one of PRECISIONS."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 

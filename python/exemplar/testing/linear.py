@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .. import ops
 
 
 def objective(theta, phi, labels, weight_decay, n_total):

@@ -9,7 +9,9 @@ import math
 
 import torch
 
+
 def augment(features: torch.Tensor, bias: bool) -> torch.Tensor:
+    """features (n, D) float64 with a column of ones when `bias`."""
     phi = features.double()
     if bias:
         phi = torch.cat([phi, torch.ones(phi.shape[0], 1, dtype=phi.dtype)], dim=1)
@@ -35,6 +37,7 @@ def output_hessians(logits) -> torch.Tensor:
 
 
 def exact_hessian(features, logits, bias: bool) -> torch.Tensor:
+    """The mean Gauss-Newton Hessian (C*Dp, C*Dp), float64, from explicit per-example blocks."""
     phi = augment(features, bias)
     lams = output_hessians(logits)
     H = 0
@@ -44,6 +47,7 @@ def exact_hessian(features, logits, bias: bool) -> torch.Tensor:
 
 
 def kfac_factors(features, logits, bias: bool):
+    """(A = mean phi phi^T (Dp, Dp), G = mean Lambda_i (C, C)), float64."""
     phi = augment(features, bias)
     lams = output_hessians(logits)
     A = sum(torch.outer(f, f) for f in phi) / phi.shape[0]

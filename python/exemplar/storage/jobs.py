@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from ..progress import Progress
 from .saved import write_atomic
 from .store import StoreError
 
@@ -49,9 +50,27 @@ class ResultFolder:
         return self.path / f"block-{block:05d}.safetensors"
 
     def load(self, block: int) -> dict[str, torch.Tensor] | None:
+        """Block `block`'s result, or None when it is not there yet."""
         file = self._file(block)
         return load_bytes(file.read_bytes()) if file.exists() else None
 
     def save(self, block: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Writes block `block`'s result whole (the writer rank only)."""
         if self.writer:
             write_atomic(self._file(block), save_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))
+
+
+def resumable(folder: ResultFolder, blocks: int, compute, label: str, progress: bool | None) \
+        -> list[dict[str, torch.Tensor]]:
+    """Each of `blocks` results: the one in `folder`, or compute(b) written
+    there as soon as it is done, so a killed job loses at most one block."""
+    done, bar = [], Progress(label, blocks, progress)
+    for b in range(blocks):
+        result = folder.load(b)
+        if result is None:
+            result = compute(b)
+            folder.save(b, result)
+        done.append(result)
+        bar.update()
+    bar.close()
+    return done

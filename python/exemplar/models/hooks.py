@@ -7,10 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .data import integer_labels, join
-from .progress import Progress
-from .store import DEFAULT_SHARD_ROWS, StoreWriter
-
+from ..data import integer_labels, join
+from ..progress import Progress
+from ..storage.store import DEFAULT_SHARD_ROWS, StoreWriter
 
 LABEL_KEYS = ("labels", "label")
 
@@ -168,7 +167,8 @@ class LastLayer:
         if store is None:
             return join([batch for _, batch in self._batches(loader, progress)], "loader")
         writer = None
-        for start, (x, z, y) in self._batches(loader, progress, skip=lambda: writer):
+        # skip reads `writer` late on purpose: the batches it skips are decided once it exists
+        for start, (x, z, y) in self._batches(loader, progress, skip=lambda: writer):  # noqa: B023
             if y is None:
                 raise ValueError("a store holds training data: the loader's batches need labels")
             if writer is None:

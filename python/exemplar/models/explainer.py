@@ -9,23 +9,34 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import methods, saved
-from .attributor import Attributor
-from .data import LastLayerData, integer_labels
+from .. import methods
+from ..data import LastLayerData, integer_labels
+from ..engine import Attributor
+from ..results import Explanation
+from ..storage import saved
 from .hooks import LastLayer
-from .results import Explanation
 
 FORMAT = "exemplar.Explainer/1"
 
 
 class Explainer:
-    """exemplar.Explainer(model, train_loader, method="theta_relatif", curvature="kfac")
+    """Explains a whole model's predictions through its last linear layer:
+    fits once on a training loader, saves and loads that state, explains
+    test inputs.
 
-    train_loader yields (inputs..., labels) batches in a fixed order: the
-    indices in every Explanation are positions in that order (the dataset's
-    indices for a DataLoader without a sampler); a loader that shuffles is
-    refused. `layer` and `output` are LastLayer's. Extra keyword arguments
-    (damping, kfac_damping, rps_lambda, lje_step) go to the Attributor."""
+    Arguments:
+        model: the classifier (an nn.Module).
+        train_loader: yields (inputs..., labels) batches in a fixed order:
+            the indices in every Explanation are positions in that order
+            (the dataset's indices for a DataLoader without a sampler); a
+            loader that shuffles is refused.
+        method: the default method of explain() (any of exemplar.METHODS).
+        curvature: as for Attributor.
+        layer, output: LastLayer's (which linear layer; which part of a
+            structured output holds the logits).
+        progress: a progress line for the training pass (None: only on a terminal).
+        attributor_kwargs: damping, kfac_damping, rps_lambda, lje_step, rank:
+            passed to the Attributor."""
 
     def __init__(self, model: nn.Module, train_loader, method: str = "theta_relatif",
                  curvature: str = "kfac", layer: str | nn.Module | None = None,
@@ -52,15 +63,21 @@ class Explainer:
 
     def explain(self, test_inputs, k: int = 5, labels=None, largest: bool = True,
                 progress: bool | None = None, method: str | None = None, opponents: int = 0) -> Explanation:
-        """Explanation of each test prediction by its k top training examples.
+        """Explains each test prediction by its k top training examples.
 
-        test_inputs: one batch (a tensor, or a dict such as a tokenizer's
-        output) or a loader of batches (their labels are ignored). labels:
-        None explains each prediction; an int or (T,) tensor explains those
-        classes instead ("why bird and not plane"). method: this call's method
-        (default the Explainer's; any of exemplar.METHODS). opponents=m adds
-        the m most opposing examples. largest=False puts the most opposing
-        examples in indices/scores instead."""
+        Arguments:
+            test_inputs: one batch (a tensor, or a dict such as a tokenizer's
+                output) or a loader of batches (their labels are ignored).
+            k: proponents per test.
+            labels: None explains each prediction; an int or (T,) tensor
+                explains those classes instead ("why bird and not plane").
+            largest: False puts the most opposing examples in indices/scores instead.
+            progress: a progress line for the test pass.
+            method: this call's method (default the Explainer's; any of exemplar.METHODS).
+            opponents: m > 0 adds the m most opposing examples.
+
+        Returns:
+            An Explanation (training indices are positions in train_loader's order)."""
         method = self.method if method is None else method
         methods.get(method)
         test = self._test_data(test_inputs, labels, progress)

@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from .attributor import Attributor
-from .data import LastLayerData, as_last_layer_data
-from .results import TopK
+from ..data import LastLayerData, as_last_layer_data
+from ..engine import Attributor
+from ..results import TopK
 
 REGULARIZERS = ("sum_redundancy", "facility_location", "mmd")
 
@@ -105,16 +105,25 @@ def divine(attributor: Attributor, test, m: int, gamma: float = 1.0,
            regularizer: str = "facility_location", method: str = "if",
            candidates: int | None = None, bandwidth: float | None = None,
            scale_influence: bool = True, chunk: int = 256) -> TopK:
-    """Per test: TopK(values (T, m), indices (T, m)) of m diverse influential
-    training points, in the order the greedy step chose them, with their
-    scores by `method`, chosen from each test's top-`candidates` (default
-    max(10m, 50)). test: a LastLayerData or a DataLoader of (features,
-    logits[, labels]) batches. regularizer: "facility_location" (default),
-    "sum_redundancy" or "mmd", on an RBF kernel over the last-layer features
-    (bandwidth: sigma; default the median pairwise distance). gamma=0 returns
-    the top-m by score. With scale_influence the scores are divided by each
-    test's largest |score| before weighing them against gamma*R. chunk: tests
-    per (chunk, K, K) kernel."""
+    """DIVINE per test: m diverse influential training points.
+
+    Arguments:
+        attributor: the Attributor whose scores rank the candidates.
+        test: a LastLayerData or a DataLoader of (features, logits[, labels]) batches.
+        m: points to choose per test.
+        gamma: weight of diversity against influence; 0 returns the top-m by score.
+        regularizer: "facility_location" (default), "sum_redundancy" or
+            "mmd", on an RBF kernel over the last-layer features.
+        method: the scoring method (any of exemplar.METHODS).
+        candidates: chosen from each test's top-`candidates` (default max(10m, 50)).
+        bandwidth: the kernel's sigma (default the median pairwise distance).
+        scale_influence: divide each test's scores by its largest |score|
+            before weighing them against gamma*R.
+        chunk: tests per (chunk, K, K) kernel.
+
+    Returns:
+        TopK(values (T, m), indices (T, m)), in the order the greedy step
+        chose them, with their scores by `method`."""
     test = _check_selection(test, gamma, chunk)
     K = _num_candidates(attributor, m, candidates)
     out_idx, out_val = [], []
@@ -132,9 +141,15 @@ def divine_global(attributor: Attributor, test, m: int, gamma: float = 1.0,
                   regularizer: str = "facility_location", method: str = "if",
                   candidates: int | None = None, bandwidth: float | None = None,
                   scale_influence: bool = True) -> TopK:
-    """For a whole test set: TopK(summed scores (m,), indices (m,)) of m
-    diverse training points with the largest score summed over the tests;
-    the options are divine()'s."""
+    """DIVINE for a whole test set: m diverse training points with the
+    largest score summed over the tests.
+
+    Arguments:
+        attributor, test, m, gamma, regularizer: as for divine().
+        method, candidates, bandwidth, scale_influence: as for divine().
+
+    Returns:
+        TopK(summed scores (m,), indices (m,))."""
     test = _check_selection(test, gamma)
     K = _num_candidates(attributor, m, candidates)
     values, indices = attributor.total_scores(test, method).topk(K)

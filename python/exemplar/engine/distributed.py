@@ -9,15 +9,18 @@ import torch.distributed as dist
 
 
 class ProcessGroup:
+    """This process's rank in `world` processes; the collectives are identities on one."""
     def __init__(self, rank: int, world: int, distributed: bool):
         self.rank, self.world, self.distributed = rank, world, distributed
 
     @classmethod
     def single(cls) -> "ProcessGroup":
+        """One process: no collectives."""
         return cls(0, 1, False)
 
     @classmethod
     def default(cls) -> "ProcessGroup":
+        """The default torch.distributed process group, which must be initialised."""
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed initialised: run under torchrun and "
                              "call torch.distributed.init_process_group() first (backend 'gloo' on CPU, "

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from . import _C
-from .blocks import Block
-from .data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, largest_sq_norm
+from .. import _C
+from ..data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, check_magnitude, largest_sq_norm
+from .blocks import Block, Blocks, Columns, TrainingSet
 from .saved import write_atomic
 
 FORMAT = "exemplar-store"
@@ -52,9 +52,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Store:
-    """A complete store opened for reading. device: where its shards are
-    delivered (pinned host memory and non-blocking copies for a GPU)."""
+class Store(TrainingSet):
+    """A complete store opened for reading, and a TrainingSet (blocks.py) an
+    Attributor streams. device: where its shards are delivered (pinned host
+    memory and non-blocking copies for a GPU)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         self.path = Path(path)
@@ -89,6 +90,23 @@ class Store:
         worst = max(self.manifest["shards"], key=lambda s: s["max_sq_norm"])
         return worst["max_sq_norm"], worst["file"]
 
+    @property
+    def source(self) -> "Store":
+        """The store itself (what an Attributor over it holds as .train)."""
+        return self
+
+    def check_magnitude(self) -> None:
+        """Refuses features whose squared norms the dtype cannot hold (from the manifest)."""
+        largest, shard = self.largest_sq_norm()
+        check_magnitude(f"features (shard {shard})", largest, self.dtype,
+                        "write the store in float64 or rescale the features")
+
+    def whole(self, purpose: str) -> LastLayerData:
+        """Refuses: an Attributor over a store streams it and keeps its fits there."""
+        raise ValueError(f"{purpose} needs the training set in memory; an Attributor over the store "
+                         f"{self.path} streams its shards and keeps its fits in the store (use topk/scores, "
+                         "or Store.load() for a store that fits in memory)")
+
     def blocks(self) -> "StoreBlocks":
         """The shards as the Attributor's row blocks, read ahead in the background."""
         return StoreBlocks(self)
@@ -119,7 +137,7 @@ class Store:
                 raise StoreError(f"store {self.path}: {err}") from None
 
 
-class StoreBlocks:
+class StoreBlocks(Blocks):
     """A store's shards as the Attributor's blocks."""
 
     def __init__(self, store: Store):
@@ -169,7 +187,8 @@ def check_shard(path: Path, manifest: dict, shard: dict) -> None:
             "labels": ([shard["rows"]], "int64"), "index": ([shard["rows"]], "int64")}
     for name, (shape, dtype) in want.items():
         info = header.get(name)
-        got = None if info is None else (info["shape"], _dtype_name(_SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])))
+        got = None if info is None else (info["shape"],
+                                         _dtype_name(_SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])))
         if got != (shape, dtype):
             raise StoreError(f"store {path}: shard {shard['file']} holds {name} as {got}, but the manifest "
                              f"(D={manifest['D']}, C={manifest['C']}, {manifest['dtype']}, "
@@ -180,6 +199,7 @@ def check_shard(path: Path, manifest: dict, shard: dict) -> None:
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest of the store at `path`, its fields' types checked; a StoreError names what is wrong."""
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text())
@@ -240,6 +260,7 @@ class StoreWriter:
 
     @property
     def complete(self) -> bool:
+        """Whether the store was finished (finish() ran)."""
         return self.manifest["complete"]
 
     def add(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
@@ -304,7 +325,7 @@ def write_store(data: LastLayerData, path: str | os.PathLike, shard_rows: int = 
     return writer.finish()
 
 
-class StoreColumns:
+class StoreColumns(Columns):
     """An Attributor's fits on a store, under fits/<tag>/: the curvature and
     whole-set fits in fitted.safetensors (written by rank 0), and per-example
     values one file per key and shard, so a second Attributor with the same
@@ -312,7 +333,7 @@ class StoreColumns:
 
     def __init__(self, store: Store, tag: str, writer: bool):
         self.folder = store.path / "fits" / tag
-        self.writer = writer
+        self.writer, self.sizes = writer, store.sizes
 
     def _file(self, key: str, index: int) -> Path:
         return self.folder / key / f"{index:05d}.safetensors"
@@ -328,8 +349,15 @@ class StoreColumns:
             self._file(key, index).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self._file(key, index), save_bytes({"value": value.detach().cpu().contiguous()}))
 
-    def complete(self) -> dict:
-        return {}
+    def whole(self) -> dict[str, torch.Tensor]:
+        shards = range(len(self.sizes))
+        keys = sorted(p.name for p in self.folder.glob("*") if p.is_dir())
+        found = {k: [self.get((k,), i) for i in shards] for k in keys}
+        return {k: torch.cat([v for (v,) in parts]) for k, parts in found.items() if all(parts)}
+
+    def put_whole(self, key: str, value: torch.Tensor) -> None:
+        for index, part in enumerate(value.split(self.sizes)):
+            self.put((key,), index, (part,))
 
     def save_fitted(self, tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> None:
         if self.writer:

@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-from .results import Explanation
+from ..results import Explanation
 
 # What each method's score means, for the report's and the demo's legends.
 SCORE_UNITS = {
@@ -23,7 +23,8 @@ SCORE_UNITS = {
                 "example (no curvature)",
     "grad_cos": "cosine of the test and training loss gradients, in [-1, 1]",
     "rps_l2": "representer value: the training example's additive contribution to the explained logit",
-    "rps_lje": "representer value at the LJE-refitted layer: the training example's additive contribution to the explained logit",
+    "rps_lje": ("representer value at the LJE-refitted layer: the training example's additive contribution "
+                "to the explained logit"),
     "knn": "-|f_t - f_i|²: minus the squared distance between last-layer features (nearest first)",
 }
 
@@ -116,4 +117,5 @@ def test_name(t: int, test_names=None) -> str:
 
 
 def class_name(label: int, class_names=None) -> str:
+    """The class's readable name from class_names, or its index."""
     return str(label) if class_names is None else f"{class_names[label]}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the op registrations)
+from .. import _C  # noqa: F401  (loads the op registrations)
+from . import screen
+from .order import check_k, k_message
 
 _ops = torch.ops.exemplar
 
@@ -78,8 +80,7 @@ def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
 def _topk_op(k, largest, r, kernel: str, rank1: bool):
     # Types only: the dispatcher takes a Python bool as an int and None as False.
     # The range of k is checked once, by the op itself (csrc/checks.h).
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k!r}")
+    check_k(k, r.shape[0], check_range=False)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be True or False, got {largest!r}")
     if kernel not in TOPK_KERNELS:
@@ -93,8 +94,6 @@ def _topk_op(k, largest, r, kernel: str, rank1: bool):
 def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
     """precision="tf32"/"bf16": screen.screened_topk after the op's own checks
     (run on no test rows, so every message is the op's)."""
-    from . import screen
-
     screen.check_precision(precision)
     if kernel != "default":
         raise ValueError(f"precision={precision!r} screens on the streamed path; kernel must be 'default', "
@@ -116,7 +115,7 @@ def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "defau
     precision: "exact" (default), or "tf32" / "bf16": screen every score tile
     in that format (tensor cores on a GPU), rescore the examples a rigorous
     error bound cannot rule out, and return the same indices as "exact" (up to
-    rounding-level ties) with their exact scores (exemplar.screen; finite
+    rounding-level ties) with their exact scores (exemplar.ops.screen; finite
     operands only)."""
     op = _topk_op(k, largest, r, kernel, rank1=False)
     if precision != "exact":
@@ -190,7 +189,7 @@ def _(alpha, beta, r, phi, inv_norm):
 
 
 def _fake_topk(rows, r, k):
-    torch._check_value(1 <= k <= r.shape[0], lambda: f"k must be an integer in [1, N] = [1, {r.shape[0]}], got {k}")
+    torch._check_value(1 <= k <= r.shape[0], lambda: k_message(k, r.shape[0]))
     return r.new_empty(rows, k), r.new_empty(rows, k, dtype=torch.int64)
 
 

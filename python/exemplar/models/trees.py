@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from .data import LastLayerData
+from ..data import LastLayerData
 
 
 def _xgboost():

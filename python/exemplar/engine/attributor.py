@@ -1,0 +1,376 @@
+"""Attributor: the facade over the engine (docs/design.md §1, §3, §4). It
+resolves the method and checks the test set once per call, then hands the
+checked objects to the parts: Settings (settings.py), passes over the
+training set's blocks (passes.py), the fitted state methods see (fitted.py),
+saved state (state.py) and the process group (distributed.py). It holds no
+per-method or per-backend code."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from .. import methods, storage
+from ..data import LastLayerData, as_last_layer_data, check_magnitude, largest_sq_norm
+from ..methods import Method
+from ..ops import Query, TrainOperands, check_k, merge_topk, screen
+from ..results import Explanation, TopK
+from ..storage import saved
+from ..storage.jobs import ResultFolder, resumable, tensor_checksum
+from . import state
+from .distributed import ProcessGroup
+from .fitted import Fitted
+from .layer import theta_from_layer
+from .passes import Passes
+from .settings import Settings
+
+FORMAT = "exemplar.Attributor/1"
+
+
+class Attributor:
+    """Explains test predictions by training examples.
+
+    Arguments:
+        train: a LastLayerData with labels, or an exemplar.Store (or its path)
+            on disk, streamed shard by shard.
+        curvature: "exact" | "kfac" | "ekfac" | "identity", or a name added
+            with exemplar.curvature.register.
+        damping: lambda >= 0 added to the curvature (for "exact" and weight
+            decay lambda, the Hessian of the regularised objective).
+        bias: True when the layer has a bias (a constant-1 feature appended
+            to each block as it is scored, never to the whole training set),
+            or the layer's bias vector (C,) itself.
+        kfac_damping: "eigenbasis" adds lambda to the K-FAC eigenvalues;
+            "factored" damps each factor (a rank-1 fast path).
+        weight: the layer's weight (C, D); RPS-LJE needs it (and the bias
+            vector when there is a bias), RPS-l2 starts its refit from it.
+        rps_lambda: RPS-l2's l2 strength (> 0).
+        lje_step: RPS-LJE's ascent step gamma (>= 0).
+        rank: kfac or ekfac with eigenbasis damping: truncate the damped
+            inverse eigenvalues to rank m, so a score costs 2 m (C + Dp)
+            flops instead of 2 C Dp; "auto" takes the smallest m within
+            curvature.LOW_RANK_TOL (relative Frobenius).
+        distributed: run on every rank of the default torch.distributed
+            process group: each rank reads its own blocks (shards),
+            statistics are all-reduced and top-k merged, so every rank gets
+            the whole answer.
+        progress: a progress line on stderr for passes over the training
+            set (None: only when stderr is a terminal).
+
+    The settings are held as one exemplar.Settings (`attr.settings`)."""
+
+    def __init__(self, train, curvature: str = "kfac", damping: float = 1e-3,
+                 bias: bool | torch.Tensor = True, kfac_damping: str = "eigenbasis",
+                 weight: torch.Tensor | None = None, rps_lambda: float = 1e-3,
+                 lje_step: float = 1e-3, rank: int | str | None = None, distributed: bool = False,
+                 progress: bool | None = None):
+        has_bias = bool(isinstance(bias, torch.Tensor) or bias)
+        train_set = storage.training_set(train, has_bias)
+        settings = Settings(curvature=curvature, damping=damping, kfac_damping=kfac_damping,
+                            rps_lambda=rps_lambda, lje_step=lje_step, bias=has_bias, rank=rank)
+        if train_set.num_features == 0 and not has_bias:
+            raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
+        train_set.check_magnitude()
+        group = ProcessGroup.default() if distributed else ProcessGroup.single()
+        self._setup(train_set, settings, group, progress)
+        theta = theta_from_layer(weight, bias, self._passes)
+        columns = train_set.columns(self._fit_tag(theta), group.rank == 0)
+        self._fitted = Fitted(settings, self._passes, columns, theta)
+        self._fitted.fit()
+
+    def _setup(self, train_set, settings: Settings, group: ProcessGroup, progress: bool | None) -> None:
+        fingerprint = train_set.fingerprint()
+        if fingerprint is not None:
+            group.check_same(fingerprint, "store")
+        self._train, self.settings, self._group = train_set, settings, group
+        self._passes = Passes(train_set, settings.bias, group, progress)
+
+    def _fit_tag(self, theta: torch.Tensor | None) -> str:
+        """What a store's saved fits depend on: the settings and the layer."""
+        if theta is None:
+            return self.settings.fingerprint()
+        digest = hashlib.sha256(self.settings.fingerprint().encode())
+        digest.update(theta.cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ---------------------------------------------------------------- what it holds
+
+    @property
+    def train(self):
+        """The training set as given: a LastLayerData or a Store."""
+        return self._train.source
+
+    @property
+    def curvature(self):
+        """The fitted damped inverse curvature (an exemplar.curvature.Curvature)."""
+        return self._fitted.curvature
+
+    @property
+    def theta(self) -> torch.Tensor | None:
+        """(C, Dp) float64: the trained layer [W | b], or None without weight=."""
+        return self._fitted.theta
+
+    @property
+    def context(self):
+        """The fitted state methods see (an exemplar.methods.Context): what to
+        pass to a Method's own functions, such as the RPS-l2 refit."""
+        return self._fitted
+
+    @property
+    def num_train(self) -> int:
+        """N, the number of training examples."""
+        return len(self._train)
+
+    @property
+    def num_classes(self) -> int:
+        """C."""
+        return self._train.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """D (without the bias column)."""
+        return self._train.num_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The training features' dtype."""
+        return self._train.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the training rows are delivered."""
+        return self._train.device
+
+    @property
+    def progress(self) -> bool | None:
+        """Whether passes show a progress line (None: only on a terminal)."""
+        return self._passes.progress
+
+    @progress.setter
+    def progress(self, value: bool | None) -> None:
+        self._passes.progress = value
+
+    # ---------------------------------------------------------------- operands
+
+    def augment(self, features: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """features (n, D) -> phi (n, Dp): with the constant-1 bias column when the
+        layer has a bias, written into `out` (rows >= n, Dp) when given."""
+        return self._fitted.augment(features, out)
+
+    def prepare(self, method: str) -> TrainOperands:
+        """The training side of `method` for the score ops over the whole
+        in-memory training set.
+
+        Returns:
+            TrainOperands(r (N, C'), phi (N, Dp'), inv_norm (N,)), with phi a
+            copy holding the bias column. Normalisers and RPS refits are
+            fitted on the first call and kept."""
+        return methods.get(method).operands(self._fitted, self._fitted.whole_rows("prepare()"))
+
+    def query(self, test, method: str) -> Query:
+        """The test side of `method`.
+
+        Returns:
+            Query(gradient, offset), with gradient ops.General(S (T, C', Dp'))
+            or ops.Rank1(alpha (T, C'), beta (T, Dp')) (or ops.LowRank);
+            `query.topk(self.prepare(method), k)` is `topk`."""
+        return methods.get(method).query(self._fitted, self.check_test(test))
+
+    def check_test(self, test) -> LastLayerData:
+        """test (a LastLayerData or a DataLoader of (features, logits[, labels])
+        batches) as one LastLayerData, checked against the training set: D, C,
+        dtype, device and magnitude; the error names what differs."""
+        test = as_last_layer_data(test)
+        D = self.num_features
+        if test.features.shape[1] != D:
+            raise ValueError(f"test.features must have shape (T, D) with D={D} like train.features, "
+                             f"got {tuple(test.features.shape)}")
+        if test.num_classes != self.num_classes:
+            raise ValueError(f"test.logits must have C={self.num_classes} classes like "
+                             f"train.logits, got {tuple(test.logits.shape)}")
+        if test.features.dtype != self.dtype:
+            raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.dtype}")
+        if test.features.device != self.device:
+            raise ValueError(f"test is on {test.features.device} but train is on {self.device}")
+        check_magnitude("test.features", largest_sq_norm(test.features), test.features.dtype,
+                        "pass float64 features or rescale them")
+        return test
+
+    # ---------------------------------------------------------------- API
+
+    def scores(self, test, method: str = "if") -> torch.Tensor:
+        """score(t, i) of every training example for every test example.
+
+        Arguments:
+            test: a LastLayerData, or a DataLoader (any iterable) of (features,
+                logits[, labels]) batches; labels name the class to explain
+                (default: each prediction).
+            method: a name in exemplar.METHODS (the built-in ones of
+                docs/design.md §1, or a registered one).
+
+        Returns:
+            (T, N). Units: IF family, the change in the test loss when example
+            i is up-weighted (positive = helpful: up-weighting lowers the
+            loss); the RelatIF variants divide it by a norm of i's own
+            influence, so they are unitless; grad_cos is a cosine in [-1, 1];
+            RPS, i's contribution to the explained logit; kNN, -|f_t - f_i|^2."""
+        m, test = methods.get(method), self.check_test(test)
+        q = m.query(self._fitted, test)
+        return self._passes.per_row(f"scores {method}", (len(test),),
+                                    lambda rows: q.scores(m.operands(self._fitted, rows)))
+
+    def topk(self, test, k: int, method: str = "if", largest: bool = True,
+             out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024,
+             precision: str = "exact") -> TopK:
+        """The k most helpful training examples per test example (or with
+        largest=False the k most harmful, the opponents), never building the
+        (T, N) matrix.
+
+        Arguments:
+            test, method: as for scores().
+            k: an integer in [1, N].
+            largest: True for proponents, False for opponents.
+            out: a folder for a resumable job: results are written per block
+                of `test_rows` tests, and a rerun with the same arguments
+                skips the blocks already there.
+            split: with distributed=True, "train" gives each rank its own
+                training blocks, "test" its own share of the tests against
+                the whole training set.
+            test_rows: tests per block of a job (out=).
+            precision: "exact", or "tf32" / "bf16" to screen score tiles in
+                that format and rescore only what a rigorous bound cannot
+                rule out (same indices, exact scores; exemplar.ops.topk).
+
+        Returns:
+            TopK(values, indices), each (T, k), best first.
+            Indices are rows of the training set (positions in the
+            LastLayerData or the store)."""
+        check_k(k, self.num_train)
+        if not isinstance(largest, bool):
+            raise TypeError(f"largest must be True or False, got {largest!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        screen.check_precision(precision)
+        m, test = methods.get(method), self.check_test(test)  # both checked before any work
+        if out is None:
+            return TopK(*self._topk(test, k, m, largest, split, precision))
+        if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
+            raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
+        job = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
+                   precision=precision, test=tensor_checksum(test.features, test.logits, test.labels),
+                   N=self.num_train, attributor=self._fit_tag(self.theta))
+        folder = ResultFolder(out, job, writer=self._group.rank == 0)
+
+        def block(b):
+            t0 = b * test_rows
+            values, indices = self._topk(test[t0:t0 + test_rows], k, m, largest, split, precision, label="")
+            return {"values": values, "indices": indices}
+
+        parts = resumable(folder, -(-len(test) // test_rows), block, f"topk {method} job", self.progress)
+        return TopK(torch.cat([p["values"].to(self.device) for p in parts]),
+                    torch.cat([p["indices"].to(self.device) for p in parts]))
+
+    def explain(self, test, k: int = 5, method: str = "if", opponents: int = 0) -> Explanation:
+        """An Explanation of each test prediction: its k top proponents by
+        `method` and, with opponents=m > 0, its m top opponents (the most
+        negative scores). test and method as for scores()."""
+        if isinstance(opponents, bool) or not isinstance(opponents, int) or not 0 <= opponents <= self.num_train:
+            raise ValueError(f"opponents must be an integer in [0, N] = [0, {self.num_train}], got {opponents!r}")
+        check_k(k, self.num_train)
+        m, test = methods.get(method), self.check_test(test)
+        against = TopK(*self._topk(test, opponents, m, False)) if opponents else None
+        return Explanation.of(test, TopK(*self._topk(test, k, m, True)), method, against)
+
+    def _topk(self, test: LastLayerData, k: int, m: Method, largest: bool, split: str = "train",
+              precision: str = "exact", label: str | None = None):
+        """Top-k of a checked test set by a resolved method, merged across ranks."""
+        group, passes = self._group, self._passes
+        spread = split == "test" and group.world > 1  # each rank its share of the tests
+        q = m.query(self._fitted, test[group.share(len(test))] if spread else test)
+
+        def score_topk(rows, kb):
+            return q.topk(m.operands(self._fitted, rows), kb, largest, precision)
+
+        label = f"topk {m.name}" if label is None else (label or None)
+        values, indices = passes.topk(k, largest, range(passes.num_blocks) if spread else passes.own(), label,
+                                      score_topk)
+        if spread:
+            return group.gather_rows(values, len(test)), group.gather_rows(indices, len(test))
+        if group.world > 1:
+            return merge_topk(group.all_gather((values, indices)), k, largest)
+        return values, indices
+
+    def total_scores(self, test, method: str = "if") -> torch.Tensor:
+        """(N,): sum over the test set of score(t, i), in one pass (test and
+        method as for scores())."""
+        m, test = methods.get(method), self.check_test(test)
+        q = m.query(self._fitted, test)
+        return self._passes.per_row(f"total_scores {method}", (),
+                                    lambda rows: q.total(m.operands(self._fitted, rows)))
+
+    def self_influence(self, method: str = "if") -> torch.Tensor:
+        """(N,): score(i, i) of each training example on itself under its own
+        label; large values flag examples the model finds hard or mislabelled
+        (for RPS, rank by the absolute value). kNN: 0 by definition."""
+        m = methods.get(method)
+        return self._passes.per_row(f"self_influence {method}", (),
+                                    lambda rows: m.self_influence(self._fitted, rows))
+
+    # ---------------------------------------------------------------- saved state
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything fitted so far (curvature, normalisers, RPS fits), so
+        `from_state` rebuilds this Attributor without refitting. In-memory
+        training sets only: a store keeps its fits itself.
+
+        Returns:
+            (tensors, config): tensors by key, and the settings with the
+            kind of every curvature."""
+        train = self._train.whole("state_dict()")
+        tensors = dict(zip(state.TRAIN_KEYS, (train.features, train.logits, train.labels)))
+        if self.theta is not None:
+            tensors["theta"] = self.theta
+        fitted, kinds = self._fitted.state()
+        tensors.update(fitted)
+        tensors.update({f"cache.{k}": v for k, v in self._fitted.columns.whole().items()})
+        return {k: v.contiguous() for k, v in tensors.items()}, state.config_of(self.settings, kinds)
+
+    def save(self, path) -> None:
+        """Writes state_dict() to one safetensors file, atomically (exemplar
+        fit on the command line makes these); Attributor.load reads it."""
+        tensors, config = self.state_dict()
+        saved.write(path, tensors, {"format": FORMAT, "attributor": config})
+
+    @classmethod
+    def load(cls, path, progress: bool | None = None) -> "Attributor":
+        """The Attributor saved at `path`, without refitting; the file is read
+        whole and every tensor and setting checked before use."""
+        tensors, meta = saved.read(path, FORMAT, ("attributor",))
+        attr = cls.from_state(tensors, meta["attributor"])
+        attr.progress = progress
+        return attr
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict) -> "Attributor":
+        """Rebuilds an Attributor from `state_dict()` output without refitting.
+        Every key and tensor is checked first (shape, dtype, finiteness, and
+        that the settings agree with the tensors); errors name the key."""
+        settings, kinds, train = state.validate(tensors, config)
+        self = cls.__new__(cls)
+        self._setup(storage.InMemory(train, train.num_features + settings.bias), settings,
+                    ProcessGroup.single(), None)
+        columns = self._train.columns("", True)
+        self._fitted = Fitted(settings, self._passes, columns, tensors.get("theta"))
+        fits = {k: v for k, v in tensors.items()
+                if not k.startswith(("train.", "theta", "cache.")) or
+                (k.startswith("cache.") and not state.is_per_example(k[len("cache."):]))}
+        self._fitted.restore(fits, kinds)
+        for key, value in tensors.items():
+            if key.startswith("cache.") and state.is_per_example(key[len("cache."):]):
+                columns.put_whole(key[len("cache."):], value)
+        self._fitted.save()
+        return self
+
+    def __repr__(self) -> str:
+        return f"Attributor(N={self.num_train}, C={self.num_classes}, {self.settings})"

@@ -1,0 +1,130 @@
+"""Passes over a training set's blocks (docs/design.md §3): every pass of an
+Attributor — curvature statistics, normalisers, scores, top-k — reads the
+blocks this rank owns one at a time, appends the bias column into one reused
+buffer, and sums or merges across ranks, so what it holds is one block and
+the per-test results, whatever N is."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import ops
+from ..curvature import Statistics
+from ..progress import Progress
+from ..storage import Block, TrainingSet
+from .distributed import ProcessGroup
+
+
+def augment(features: torch.Tensor, bias: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """features (n, D) -> phi (n, Dp): with the constant-1 bias column when
+    `bias`, written into `out` (rows >= n, Dp) when given."""
+    if not bias:
+        return features.contiguous()
+    n, D = features.shape
+    phi = torch.empty(n, D + 1, dtype=features.dtype, device=features.device) if out is None else out[:n]
+    phi[:, :D] = features
+    phi[:, D] = 1
+    return phi
+
+
+class Rows:
+    """One block of training rows as methods see it (methods.Rows): the stored
+    features, logits and labels, and phi and r computed from them on first use."""
+
+    def __init__(self, block: Block, bias: bool, buffer: torch.Tensor | None):
+        self._bias, self._buffer = bias, buffer
+        self.index, self.start = block.index, block.start  # index None: the whole training set
+        self.features, self.logits, self.labels = block.features, block.logits, block.labels
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @functools.cached_property
+    def phi(self) -> torch.Tensor:
+        """(b, Dp): the features with the bias column, in a buffer reused by the next block."""
+        return augment(self.features, self._bias, self._buffer)
+
+    @functools.cached_property
+    def r(self) -> torch.Tensor:
+        """(b, C): softmax(logits) - onehot(labels)."""
+        return ops.residuals(self.logits, self.labels)
+
+
+class Passes:
+    """Reads a training set's blocks for one rank of `group`, with a progress
+    line per pass (progress: None shows it only on a terminal)."""
+
+    def __init__(self, train: TrainingSet, bias: bool, group: ProcessGroup, progress: bool | None):
+        self.train, self.bias, self.group, self.progress = train, bias, group, progress
+        self.blocks = train.blocks()
+        self.num_blocks = len(self.blocks)
+        if group.world > self.num_blocks:
+            raise ValueError(f"{group.world} ranks but the training set has only {self.num_blocks} "
+                             "blocks (shards): each rank needs at least one; write the store with smaller shards")
+        self._buffer, self._buffer_busy = None, False
+
+    def own(self) -> range:
+        """The blocks this rank reads: all of them on one process."""
+        return range(self.group.rank, self.num_blocks, self.group.world)
+
+    def rows(self, indices, label: str | None, reuse: bool = True):
+        """Rows of the blocks numbered `indices`, with a progress line when `label`."""
+        bar = Progress(label or "", len(indices), False if label is None else self.progress)
+        # A pass nested in another (a fit on first use inside a query) gets no
+        # buffer: the outer pass's rows still point into it.
+        reuse = reuse and self.bias and not self._buffer_busy
+        self._buffer_busy |= reuse
+        try:
+            for block in self.blocks.read(indices):
+                if reuse and self._buffer is None:
+                    self._buffer = torch.empty(self.blocks.max_rows, self.train.num_features + 1,
+                                               dtype=self.train.dtype, device=self.train.device)
+                yield Rows(block, self.bias, self._buffer if reuse else None)
+                bar.update()
+        finally:
+            bar.close()
+            if reuse:
+                self._buffer_busy = False
+
+    def per_row(self, label: str, leading: tuple[int, ...], fn) -> torch.Tensor:
+        """(*leading, N): fn(rows) (*leading, b) for every block, each rank filling
+        its own blocks' columns and the sum over ranks joining them."""
+        t = self.train
+        out = torch.zeros(*leading, len(t), dtype=t.dtype, device=t.device)
+        for rows in self.rows(self.own(), label):
+            out[..., rows.start:rows.start + len(rows)] = fn(rows)
+        return self.group.all_sum((out,))[0]
+
+    def topk(self, k: int, largest: bool, blocks, label: str | None, score_topk):
+        """The top k over `blocks` of score_topk(rows, k_b) -> (values, indices
+        within the block), merged block by block in the ops' order."""
+        best = None
+        for rows in self.rows(blocks, label):
+            values, indices = score_topk(rows, min(k, len(rows)))
+            part = (values, indices + rows.start)
+            best = part if best is None else ops.merge_topk([best, part], k, largest)
+        return best
+
+
+class Means(Statistics):
+    """Means over every training row of fn(phi, logits), block by block and
+    across ranks; logits_of(rows) replaces the stored logits (RPS-LJE's Theta*)."""
+
+    def __init__(self, passes: Passes, label: str, logits_of=None):
+        self.passes, self.label, self.logits_of = passes, label, logits_of
+        t = passes.train
+        self.N, self.C, self.Dp = len(t), t.num_classes, t.num_features + passes.bias
+        self.dtype, self.device = t.dtype, t.device
+
+    def mean(self, fn):
+        return self.mean_rows(lambda rows: fn(rows.phi, rows.logits if self.logits_of is None
+                                              else self.logits_of(rows)))
+
+    def mean_rows(self, fn):
+        """As mean, with fn(rows: Rows) giving the block's means."""
+        total = None
+        for rows in self.passes.rows(self.passes.own(), self.label):
+            part = tuple(x.double() * len(rows) for x in fn(rows))
+            total = part if total is None else tuple(a.add_(b) for a, b in zip(total, part))
+        return tuple(x / self.N for x in self.passes.group.all_sum(total))
