@@ -60,7 +60,8 @@ def test_progress_on_request(files, capfd):
     main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "--test-rows", "2",
           "-o", str(folder / "p.csv"), "--progress"])
     assert "topk if: 5/5 in" in capfd.readouterr().err
-    main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "-o", str(folder / "p.csv")])
+    main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "-o", str(folder / "p.csv"),
+          "--force"])
     assert capfd.readouterr().err == ""  # not a terminal, not asked: quiet
 
 

@@ -236,9 +236,9 @@ def test_an_incomplete_store_says_to_rerun(tmp_path):
 
 def test_resuming_with_other_arguments_is_refused_and_changes_nothing(small_store, tmp_path):
     before = tree_bytes(small_store.path)
-    with pytest.raises(StoreError, match=r"was started with shard_rows=32, not 50"):
+    with pytest.raises(StoreError, match=r"holds other data: shard_rows is 32 there, 50 here"):
         write_store(make_data(100, 3, 4, seed=6), small_store.path, shard_rows=50)
-    with pytest.raises(StoreError, match=r"was started with D=4, not 5"):
+    with pytest.raises(StoreError, match=r"holds other data: D is 4 there, 5 here"):
         StoreWriter(small_store.path, 5, 3, torch.float64, shard_rows=32)
     assert tree_bytes(small_store.path) == before
     (tmp_path / "busy").mkdir()

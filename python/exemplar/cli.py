@@ -14,6 +14,7 @@ as "weight" (C, D) and "bias" (C,), which RPS-LJE needs and RPS-l2 starts from.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -65,12 +66,30 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _output(path: str, allowed=OUTPUTS) -> Path:
-    path = Path(path)
+# What each table format needs beyond the core install (the "tables" extra: pip install 'exemplar[tables]').
+TABLE_PACKAGES = {".csv": ("pandas",), ".parquet": ("pandas", "pyarrow")}
+
+
+def _output(args, allowed=OUTPUTS, inputs=()) -> Path:
+    """args.output checked before any work: its suffix, its folder, that it is
+    none of the command's `inputs` (same file, however reached), that it
+    does not exist unless --force, and that its format's packages import."""
+    path = Path(args.output)
     if path.suffix not in allowed:
         raise CommandError(f"output {path} must end in one of {', '.join(allowed)}")
     if not path.parent.is_dir():
         raise CommandError(f"output folder {path.parent} does not exist")
+    for given in (Path(p) for p in inputs if p is not None):
+        if path.resolve() == given.resolve() or (path.exists() and given.exists() and path.samefile(given)):
+            raise CommandError(f"output {path} is also an input ({given}): write to another file")
+    if path.exists() and not args.force:
+        raise CommandError(f"output {path} exists: pass --force to replace it, or write to another file")
+    for package in TABLE_PACKAGES.get(path.suffix, ()):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise CommandError(f"writing {path.suffix} needs {package}: pip install {package} "
+                               "(or pip install 'exemplar[tables]')") from None
     return path
 
 
@@ -78,10 +97,7 @@ def _write_table(frame, path: Path) -> None:
     if path.suffix == ".csv":
         frame.to_csv(path, index=False)
     else:
-        try:
-            frame.to_parquet(path, index=False)
-        except ImportError as err:
-            raise CommandError(f"writing {path} needs pyarrow (pip install pyarrow): {err}") from None
+        frame.to_parquet(path, index=False)
 
 
 def fit(args) -> None:
@@ -96,7 +112,7 @@ def fit(args) -> None:
             attr.prepare(m)
     except (TypeError, ValueError) as err:
         raise CommandError(str(err)) from None
-    attr.save(_output(args.output, (".safetensors",)))
+    attr.save(_output(args, (".safetensors",), (args.train,)))
     print(f"fitted {attr!r} on N={len(train)} examples; wrote {args.output}")
 
 
@@ -141,7 +157,7 @@ def topk(args) -> None:
     test, _ = read_data(args.test, False, "test")
     method = _methods(args.method)[0]
     _checked(attr, test, args.k, args.opponents)
-    out = _output(args.output)
+    out = _output(args, OUTPUTS, (args.fit, args.test))
     e = _explain(attr, test, args.k, method, args.opponents, args.test_rows, args.progress)
     if out.suffix == ".safetensors":
         import safetensors.torch
@@ -160,7 +176,7 @@ def self_influence(args) -> None:
     """exemplar self-influence: the training examples most worth relabelling."""
     attr = _load(args.fit)
     method = _methods(args.method)[0]
-    out = _output(args.output)
+    out = _output(args, OUTPUTS, (args.fit,))
     scores = attr.self_influence(method)
     order = suspicion_order(scores, method)[:args.top or None]
     if out.suffix == ".safetensors":
@@ -209,7 +225,7 @@ def report(args) -> None:
     test, _ = read_data(args.test, False, "test")
     names = _methods(args.methods)
     _checked(attr, test, args.k, args.opponents)
-    out = _output(args.output, (".html",))
+    out = _output(args, (".html",), (args.fit, args.test, args.test_inputs, args.train_inputs))
     explanations = {m: _explain(attr, test, args.k, m, args.opponents, args.test_rows, args.progress) for m in names}
     class_names = None if args.class_names is None else args.class_names.split(",")
     if class_names is not None and len(class_names) != attr.num_classes:
@@ -248,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
         shown.add_argument("--progress", action="store_true", default=None,
                            help="show progress even when stderr is not a terminal")
         shown.add_argument("--quiet", dest="progress", action="store_false", help="never show progress")
+        p.add_argument("--force", action="store_true",
+                       help="replace the output if it exists (never an input: that is always refused)")
         return p
 
     p = command("fit", fit, "fit an Attributor on a training file and save it")

@@ -6,7 +6,6 @@ saved state (state.py) and the process group (distributed.py). It holds no
 per-method or per-backend code."""
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -17,10 +16,11 @@ from ..methods import Method
 from ..ops import Query, TrainOperands, check_k, merge_topk, screen
 from ..results import Explanation, TopK
 from ..storage import saved
-from ..storage.jobs import ResultFolder, resumable, tensor_checksum
+from ..storage.jobs import ResultFolder, resumable
+from ..storage.saved import digest
 from . import state
 from .distributed import ProcessGroup
-from .fitted import Fitted
+from .fitted import FitIdentity, Fitted
 from .layer import theta_from_layer
 from .passes import Passes
 from .settings import Settings
@@ -73,26 +73,31 @@ class Attributor:
             raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
         train_set.check_magnitude()
         group = ProcessGroup.default() if distributed else ProcessGroup.single()
+        if group.distributed:
+            group.agree("training sets", {"train": train_set.fingerprint()}, {"train": train_set.describe()})
         self._setup(train_set, settings, group, progress)
         theta = theta_from_layer(weight, bias, self._passes)
-        columns = train_set.columns(self._fit_tag(theta), group.rank == 0)
-        self._fitted = Fitted(settings, self._passes, columns, theta)
-        self._fitted.fit()
+        self._identity = FitIdentity(settings, train_set, theta)
+        if group.distributed:
+            group.agree("Attributor settings or layers", {"settings": settings.to_dict(),
+                                                          "layer": self._identity.layer})
+        self._fitted = Fitted(settings, self._passes, train_set.columns(self._identity, group.rank == 0), theta)
+        self._fitted.fit(group)
 
     def _setup(self, train_set, settings: Settings, group: ProcessGroup, progress: bool | None) -> None:
-        fingerprint = train_set.fingerprint()
-        if fingerprint is not None:
-            group.check_same(fingerprint, "store")
         self._train, self.settings, self._group = train_set, settings, group
         self._passes = Passes(train_set, settings.bias, group, progress)
 
-    def _fit_tag(self, theta: torch.Tensor | None) -> str:
-        """What a store's saved fits depend on: the settings and the layer."""
-        if theta is None:
-            return self.settings.fingerprint()
-        digest = hashlib.sha256(self.settings.fingerprint().encode())
-        digest.update(theta.cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def _agree(self, call: str, method: str, test: LastLayerData | None, **arguments) -> None:
+        """With distributed=True: every rank was asked the same (call, method,
+        test set, arguments) and holds the same fits, or every rank raises."""
+        if not self._group.distributed:
+            return
+        fitted = self._fitted
+        self._group.agree("queries", {"call": call, "method": method, **arguments,
+                                      "test": None if test is None else
+                                      digest(test.features, test.logits, test.labels)[:16],
+                                      "fits": sorted(fitted.cache) + sorted(fitted.extra_curvatures)})
 
     # ---------------------------------------------------------------- what it holds
 
@@ -216,6 +221,7 @@ class Attributor:
             influence, so they are unitless; grad_cos is a cosine in [-1, 1];
             RPS, i's contribution to the explained logit; kNN, -|f_t - f_i|^2."""
         m, test = methods.get(method), self.check_test(test)
+        self._agree("scores", method, test)
         q = m.query(self._fitted, test)
         return self._passes.per_row(f"scores {method}", (len(test),),
                                     lambda rows: q.scores(m.operands(self._fitted, rows)))
@@ -253,21 +259,30 @@ class Attributor:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         screen.check_precision(precision)
         m, test = methods.get(method), self.check_test(test)  # both checked before any work
+        if out is not None and (isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1):
+            raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
+        self._agree("topk", method, test, k=k, largest=largest, split=split, precision=precision,
+                    job=None if out is None else test_rows)
         if out is None:
             return TopK(*self._topk(test, k, m, largest, split, precision))
-        if isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1:
-            raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
+        # What the job's answer depends on; a folder holding another job is refused.
         job = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
-                   precision=precision, test=tensor_checksum(test.features, test.logits, test.labels),
-                   N=self.num_train, attributor=self._fit_tag(self.theta))
-        folder = ResultFolder(out, job, writer=self._group.rank == 0)
+                   precision=precision, test=digest(test.features, test.logits, test.labels)[:16],
+                   N=self.num_train, train=self._train.fingerprint(), settings=self.settings.to_dict(),
+                   layer=self._identity.layer)
+        folder = ResultFolder(out, job)
 
         def block(b):
             t0 = b * test_rows
             values, indices = self._topk(test[t0:t0 + test_rows], k, m, largest, split, precision, label="")
             return {"values": values, "indices": indices}
 
-        parts = resumable(folder, -(-len(test) // test_rows), block, f"topk {method} job", self.progress)
+        def expected(b):
+            rows = min(test_rows, len(test) - b * test_rows)
+            return {"values": ((rows, k), self.dtype), "indices": ((rows, k), torch.int64)}
+
+        parts = resumable(folder, -(-len(test) // test_rows), block, expected, self.num_train,
+                          f"topk {method} job", self.progress, self._group.all_true)
         return TopK(torch.cat([p["values"].to(self.device) for p in parts]),
                     torch.cat([p["indices"].to(self.device) for p in parts]))
 
@@ -279,6 +294,7 @@ class Attributor:
             raise ValueError(f"opponents must be an integer in [0, N] = [0, {self.num_train}], got {opponents!r}")
         check_k(k, self.num_train)
         m, test = methods.get(method), self.check_test(test)
+        self._agree("explain", method, test, k=k, opponents=opponents)
         against = TopK(*self._topk(test, opponents, m, False)) if opponents else None
         return Explanation.of(test, TopK(*self._topk(test, k, m, True)), method, against)
 
@@ -305,6 +321,7 @@ class Attributor:
         """(N,): sum over the test set of score(t, i), in one pass (test and
         method as for scores())."""
         m, test = methods.get(method), self.check_test(test)
+        self._agree("total_scores", method, test)
         q = m.query(self._fitted, test)
         return self._passes.per_row(f"total_scores {method}", (),
                                     lambda rows: q.total(m.operands(self._fitted, rows)))
@@ -314,6 +331,7 @@ class Attributor:
         label; large values flag examples the model finds hard or mislabelled
         (for RPS, rank by the absolute value). kNN: 0 by definition."""
         m = methods.get(method)
+        self._agree("self_influence", method, None)
         return self._passes.per_row(f"self_influence {method}", (),
                                     lambda rows: m.self_influence(self._fitted, rows))
 
@@ -360,7 +378,8 @@ class Attributor:
         self = cls.__new__(cls)
         self._setup(storage.InMemory(train, train.num_features + settings.bias), settings,
                     ProcessGroup.single(), None)
-        columns = self._train.columns("", True)
+        self._identity = FitIdentity(settings, self._train, tensors.get("theta"))
+        columns = self._train.columns(self._identity, True)
         self._fitted = Fitted(settings, self._passes, columns, tensors.get("theta"))
         fits = {k: v for k, v in tensors.items()
                 if not k.startswith(("train.", "theta", "cache.")) or

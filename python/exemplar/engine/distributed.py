@@ -1,8 +1,15 @@
 """The collectives an Attributor needs, over torch.distributed (NCCL on GPUs,
 gloo on CPUs: whatever process group the user started, e.g. with torchrun), or
 their single-process identities. Sums are of float64 statistics; top-k parts
-are gathered and merged by the caller."""
+are gathered and merged by the caller. Before any collective whose meaning
+depends on what each rank was asked, the ranks `agree` (one small
+all_gather_object) and every rank raises the same error when they differ; a
+rank that died makes its peers' next collective fail after the process
+group's timeout (init_process_group(timeout=...); torch's default is 10
+minutes for NCCL and 30 for gloo), never wait forever."""
 from __future__ import annotations
+
+import json
 
 import torch
 import torch.distributed as dist
@@ -55,14 +62,28 @@ class ProcessGroup:
         padded[:rows.shape[0]] = rows
         return torch.cat([p for (p,) in self.all_gather((padded,))])[:T]
 
-    def check_same(self, fingerprint: str, what: str) -> None:
-        """Refuses ranks that were given different `what`s (e.g. stores)."""
+    def agree(self, what: str, fields: dict, described: dict | None = None) -> None:
+        """Refuses, on every rank alike, ranks whose `fields` (JSON-able values
+        by name) differ: the error names the first field that differs and what
+        each rank holds (described[field] on each rank, when given, is shown
+        instead of the raw value)."""
         if not self.distributed:
             return
         seen = [None] * self.world
-        dist.all_gather_object(seen, fingerprint)
-        if len(set(seen)) > 1:
-            ranks = {f: [r for r, g in enumerate(seen) if g == f] for f in dict.fromkeys(seen)}
-            raise ValueError(f"the ranks were given different {what}s: " +
-                             "; ".join(f"ranks {r} have {f}" for f, r in ranks.items()) +
-                             f"; every rank must open the same {what}")
+        dist.all_gather_object(seen, (fields, described or {}))
+        for name in fields:
+            values = [json.dumps(f.get(name), sort_keys=True, default=str) for f, _ in seen]
+            if len(set(values)) > 1:
+                shown = [d.get(name, f.get(name)) for f, d in seen]
+                groups = {v: [r for r, w in enumerate(values) if w == v] for v in dict.fromkeys(values)}
+                raise ValueError(f"the ranks were given different {what}: " + "; ".join(
+                    f"ranks {ranks} have {name}={shown[ranks[0]]!r}" for ranks in groups.values())
+                    + f"; every rank must be given the same {name}")
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a collective decision)."""
+        if not self.distributed:
+            return flag
+        seen = [None] * self.world
+        dist.all_gather_object(seen, bool(flag))
+        return all(seen)

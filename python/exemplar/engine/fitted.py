@@ -5,12 +5,40 @@ through which methods read and extend it. Fits are kept in the training
 set's Columns, so a store keeps them beside its shards."""
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 
 from .. import curvature as curv
-from ..storage import Block, Columns
+from ..storage import Block, Columns, StoreError, TrainingSet
+from ..storage.saved import digest
+from . import state
+from .distributed import ProcessGroup
 from .passes import Means, Passes, Rows, augment
 from .settings import Settings
+
+
+class FitIdentity:
+    """What an Attributor's fits depend on: its settings, the training set's
+    content and the layer. `meta` is recorded beside fits on disk and must
+    match exactly for them to be reused; `tag` names their folder."""
+
+    def __init__(self, settings: Settings, train: TrainingSet, theta: torch.Tensor | None):
+        self.settings, self.train, self.theta = settings, train, theta
+
+    @functools.cached_property
+    def layer(self) -> str | None:
+        """A digest of the layer [W | b] (None without one)."""
+        return None if self.theta is None else digest(self.theta)[:16]
+
+    @functools.cached_property
+    def meta(self) -> dict:
+        return {"settings": self.settings.to_dict(), "train": self.train.fingerprint(), "layer": self.layer}
+
+    @functools.cached_property
+    def tag(self) -> str:
+        return digest(json.dumps(self.meta, sort_keys=True))[:16]
 
 
 class Fitted:
@@ -26,10 +54,19 @@ class Fitted:
         self.extra_curvatures: dict[str, curv.Curvature] = {}  # by name, e.g. at RPS-LJE's Theta*
         self.cache: dict[str, torch.Tensor] = {}  # what methods fit on the whole set
 
-    def fit(self) -> None:
-        """The curvature and every fit saved before in the Columns, or the curvature fitted now."""
+    def fit(self, group: ProcessGroup) -> None:
+        """The curvature and every fit saved before in the Columns (checked like
+        saved state), or, unless every rank holds them, the curvature fitted now."""
         loaded = self.columns.load_fitted()
         if loaded is not None:
+            tensors, kinds = loaded
+            try:
+                state.check_fits(tensors, kinds, self.settings, self.num_train, self.num_classes,
+                                 self.num_features, self.dtype)
+            except ValueError as err:
+                raise StoreError(f"fit cache file {self.columns.where}: {err}; it was damaged or replaced: "
+                                 "delete it to recompute") from None
+        if group.all_true(loaded is not None):  # ranks load together or fit together: no rank waits alone
             self.restore(*loaded)
         else:
             self.curvature = curv.build(self.settings, Means(self.passes, "curvature"))

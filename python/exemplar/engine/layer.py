@@ -2,6 +2,8 @@
 against the training set it claims to have produced."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .passes import Passes
@@ -31,8 +33,10 @@ def theta_from_layer(weight, bias, passes: Passes) -> torch.Tensor | None:
                                                               vector.detach().double().view(C, 1)], 1)
     if not bool(torch.isfinite(theta).all()):
         raise ValueError("weight and bias must be finite")
-    # The first block is enough to catch a wrong layer.
-    rows = next(passes.rows([0], None, reuse=False))
+    # The first block is enough to catch a wrong layer; the pass is closed at
+    # once, so no store reader is left prefetching in the background.
+    with contextlib.closing(passes.rows([0], None, reuse=False)) as first:
+        rows = next(first)
     err = float((rows.phi.double() @ theta.T - rows.logits.double()).abs().max())
     scale = 1.0 + float(rows.logits.abs().max())
     tol = 1e-3 * scale  # catches a wrong layer, not float32 rounding of logits cast to float64

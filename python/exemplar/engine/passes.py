@@ -6,6 +6,7 @@ the per-test results, whatever N is."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -62,7 +63,7 @@ class Passes:
         if group.world > self.num_blocks:
             raise ValueError(f"{group.world} ranks but the training set has only {self.num_blocks} "
                              "blocks (shards): each rank needs at least one; write the store with smaller shards")
-        self._buffer, self._buffer_busy = None, False
+        self._local = threading.local()  # each thread its own bias-column buffer
 
     def own(self) -> range:
         """The blocks this rank reads: all of them on one process."""
@@ -71,21 +72,23 @@ class Passes:
     def rows(self, indices, label: str | None, reuse: bool = True):
         """Rows of the blocks numbered `indices`, with a progress line when `label`."""
         bar = Progress(label or "", len(indices), False if label is None else self.progress)
+        local = self._local
         # A pass nested in another (a fit on first use inside a query) gets no
         # buffer: the outer pass's rows still point into it.
-        reuse = reuse and self.bias and not self._buffer_busy
-        self._buffer_busy |= reuse
+        reuse = reuse and self.bias and not getattr(local, "busy", False)
+        if reuse:
+            local.busy = True
         try:
             for block in self.blocks.read(indices):
-                if reuse and self._buffer is None:
-                    self._buffer = torch.empty(self.blocks.max_rows, self.train.num_features + 1,
+                if reuse and getattr(local, "buffer", None) is None:
+                    local.buffer = torch.empty(self.blocks.max_rows, self.train.num_features + 1,
                                                dtype=self.train.dtype, device=self.train.device)
-                yield Rows(block, self.bias, self._buffer if reuse else None)
+                yield Rows(block, self.bias, local.buffer if reuse else None)
                 bar.update()
         finally:
             bar.close()
             if reuse:
-                self._buffer_busy = False
+                local.busy = False
 
     def per_row(self, label: str, leading: tuple[int, ...], fn) -> torch.Tensor:
         """(*leading, N): fn(rows) (*leading, b) for every block, each rank filling

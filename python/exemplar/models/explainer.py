@@ -14,7 +14,7 @@ from ..data import LastLayerData, integer_labels
 from ..engine import Attributor
 from ..results import Explanation
 from ..storage import saved
-from .hooks import LastLayer
+from .hooks import LastLayer, model_digest
 
 FORMAT = "exemplar.Explainer/1"
 
@@ -51,7 +51,24 @@ class Explainer:
                                      bias=False if bias is None else bias, **attributor_kwargs)
         self.method = method
         self.attributor.prepare(method)  # normalisers / RPS fits now, not on the first query
+        self._remember_model()
 
+    def _remember_model(self) -> None:
+        """What the fit was made from: the model's digest, and its tensors'
+        versions, which every in-place change (an optimiser step, a load)
+        bumps, so an unchanged model is recognised without hashing it."""
+        self._model_digest, self._model_versions = model_digest(self.hook.model), _versions(self.hook.model)
+
+    def _check_model(self) -> None:
+        """Refuses to explain a model that changed since the fit (its features
+        and logits, and so every score, would be another model's)."""
+        if _versions(self.hook.model) == self._model_versions:
+            return
+        if model_digest(self.hook.model) != self._model_digest:
+            raise ValueError("the model changed since this Explainer was fitted (its parameters or buffers "
+                             "differ): its training features and fit describe the old model; build a new "
+                             "Explainer for the model as it is now")
+        self._model_versions = _versions(self.hook.model)  # touched in place, same values
     def _test_data(self, test_inputs, labels, progress) -> LastLayerData:
         single = isinstance(test_inputs, (torch.Tensor, Mapping))
         data = self.hook.collect([test_inputs] if single else test_inputs, progress)
@@ -80,6 +97,7 @@ class Explainer:
             An Explanation (training indices are positions in train_loader's order)."""
         method = self.method if method is None else method
         methods.get(method)
+        self._check_model()
         test = self._test_data(test_inputs, labels, progress)
         if largest:
             return self.attributor.explain(test, k, method, opponents)
@@ -121,4 +139,10 @@ class Explainer:
             raise ValueError(f"model's layer {meta['layer']!r} differs from the one {path} was fitted on")
         self.attributor = Attributor.from_state(tensors, meta["attributor"])
         self.method = meta["method"]
+        self._remember_model()
         return self
+
+
+def _versions(model: nn.Module) -> tuple:
+    """(identity, in-place version) of every parameter and buffer."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))

@@ -2,6 +2,7 @@
 over a DataLoader with forward hooks (eval mode, no grad, on the model's device)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..data import integer_labels, join
 from ..progress import Progress
+from ..storage.saved import digest
 from ..storage.store import DEFAULT_SHARD_ROWS, StoreWriter
 
 LABEL_KEYS = ("labels", "label")
@@ -154,15 +156,28 @@ class LastLayer:
                          "nn.Linear. Pass layer= (a name or module) to explain a linear layer anyway, "
                          f"e.g. LastLayer(model, layer={self.name!r})")
 
-    def collect(self, loader, progress: bool | None = None, store=None, shard_rows: int = DEFAULT_SHARD_ROWS):
-        """Runs the model over `loader` (batches: inputs, (inputs..., labels),
-        or dicts of keyword inputs with "labels") and returns the layer's
-        inputs and outputs with the loader's labels (progress: a progress
-        line; None shows it only on a terminal):
-        a LastLayerData in memory, or with store=PATH an exemplar.Store written
-        shard by shard (`shard_rows` rows each, one shard in memory). Rerun with
-        the same arguments after an interrupt, it continues from the last
-        complete shard without rerunning the model on the rows before it."""
+    def collect(self, loader, progress: bool | None = None, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
+                overwrite: bool = False):
+        """Runs the model over `loader` and returns the layer's inputs and
+        outputs with the loader's labels.
+
+        Arguments:
+            loader: batches of inputs, (inputs..., labels), or dicts of keyword
+                inputs with "labels", in a fixed order.
+            progress: a progress line (None shows it only on a terminal).
+            store: a path: write an exemplar.Store shard by shard instead
+                (`shard_rows` rows each, one shard in memory). Rerun with the
+                same arguments after an interrupt, it continues from the last
+                complete shard without rerunning the model on the rows
+                before it. The store records the digests of the model's
+                parameters and buffers, of the layer and of the loader's
+                order: a store another model, layer or order wrote is
+                refused and left as it is.
+            shard_rows: rows per shard.
+            overwrite: replace a store that another model or loader wrote.
+
+        Returns:
+            A LastLayerData, or with store= the complete exemplar.Store."""
         order = _fixed_order(loader)
         if store is None:
             return join([batch for _, batch in self._batches(loader, progress)], "loader")
@@ -175,7 +190,10 @@ class LastLayer:
                 writer = StoreWriter(store, x.shape[1], z.shape[1], x.dtype, shard_rows, {
                     "layer": self.name, "loader": type(loader).__name__,
                     "dataset": type(getattr(loader, "dataset", None)).__name__,
-                    "order": "sampler" if order is not None else "loader"})
+                    "order": "sampler" if order is not None else "loader",
+                    "order_digest": None if order is None else digest(json.dumps(list(map(int, order))))[:16],
+                    "model": model_digest(self.model),
+                    "layer_parameters": digest(self.weight, self.bias)[:16]}, overwrite)
                 if writer.complete:
                     return writer.finish()
             n = x.shape[0]
@@ -234,6 +252,12 @@ class LastLayer:
             bar.close()
             for module, training in modes:
                 module.training = training
+
+
+def model_digest(model: nn.Module) -> str:
+    """A digest of every parameter and buffer of `model`, by name: a model
+    trained further, or another model of the same shapes, gets another one."""
+    return digest(*(x for name, t in model.state_dict(keep_vars=False).items() for x in (name, t)))[:16]
 
 
 def _batch_rows(inputs, labels) -> int | None:

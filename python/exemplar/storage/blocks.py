@@ -49,7 +49,9 @@ class Blocks(Protocol):
 
 class Columns(Protocol):
     """Per-example values (normalisers) kept per block, and the whole-set
-    fits (curvatures, refits) of one Attributor's settings."""
+    fits (curvatures, refits) of one Attributor's settings; `where` names
+    where the fits are kept, for messages."""
+    where: str
 
     def get(self, keys: tuple[str, ...], index: int) -> tuple[torch.Tensor, ...] | None:
         """The values of every key for block `index`, or None when any is missing."""
@@ -86,11 +88,16 @@ class TrainingSet(Protocol):
     def blocks(self) -> Blocks:
         """The rows as blocks."""
 
-    def columns(self, tag: str, writer: bool) -> Columns:
-        """Per-example values and fits of the settings `tag` (written only by the `writer`)."""
+    def columns(self, identity, writer: bool) -> Columns:
+        """Per-example values and fits of one fit `identity` (an object with
+        .tag, a short name, and .meta, a JSON-able dict of what the fits
+        depend on); fitted state is written only by the `writer`."""
 
-    def fingerprint(self) -> str | None:
-        """What ranks compare to be sure they hold the same training set (None: not compared)."""
+    def fingerprint(self) -> str:
+        """Names the training set's content (features, logits, labels), wherever it is held."""
+
+    def describe(self) -> str:
+        """The training set in a few words, for messages."""
 
     def check_magnitude(self) -> None:
         """Refuses features whose squared norms the dtype cannot hold."""

@@ -6,6 +6,7 @@ import torch
 
 from ..data import LastLayerData, check_magnitude, largest_sq_norm
 from .blocks import Block, Blocks, Columns, TrainingSet, block_rows
+from .saved import digest
 
 
 class TensorBlocks(Blocks):
@@ -37,6 +38,7 @@ class MemoryColumns(Columns):
         self.sizes = sizes
         self.parts: dict[str, dict[int, torch.Tensor]] = {}
         self.fitted: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+        self.where = "fitted state in memory"
 
     def get(self, keys, index: int):
         found = [self.parts.get(k, {}).get(index) for k in keys]
@@ -73,6 +75,7 @@ class InMemory(TrainingSet):
         self.num_features, self.num_classes = data.num_features, data.num_classes
         self.dtype, self.device = data.dtype, data.device
         self._blocks = TensorBlocks(data, block_rows(row_width))
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -84,11 +87,16 @@ class InMemory(TrainingSet):
     def blocks(self) -> TensorBlocks:
         return self._blocks
 
-    def columns(self, tag: str, writer: bool) -> MemoryColumns:
+    def columns(self, identity, writer: bool) -> MemoryColumns:
         return MemoryColumns(self._blocks.sizes)
 
-    def fingerprint(self) -> None:
-        return None
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # one pass over the tensors, on first use
+            self._fingerprint = digest(self.data.features, self.data.logits, self.data.labels)[:16]
+        return self._fingerprint
+
+    def describe(self) -> str:
+        return f"an in-memory training set (N={len(self)}, content {self.fingerprint()})"
 
     def check_magnitude(self) -> None:
         check_magnitude("features", largest_sq_norm(self.data.features), self.dtype,

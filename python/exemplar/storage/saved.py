@@ -1,13 +1,36 @@
 """Files on disk: every file exemplar writes goes through write_atomic; fitted
 state is one safetensors file with the settings as JSON under the metadata key
-"exemplar", written atomically and read whole (never pickle)."""
+"exemplar", written atomically and read whole (never pickle, never mapped);
+`digest` names content (tensors, bytes, text) for fingerprints and checksums."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
+import uuid
 from pathlib import Path
 
 import torch
+
+
+def digest(*parts) -> str:
+    """SHA-256 (hex) of tensors (their dtype, shape and bytes), bytes and
+    strings, in order; None counts as a part of its own. Equal content, equal
+    digest, on any device and in any process."""
+    h = hashlib.sha256()
+    for part in parts:
+        if part is None:
+            h.update(b"\0none")
+        elif isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(f"\0{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        elif isinstance(part, bytes):
+            h.update(b"\0b" + part)
+        else:
+            h.update(b"\0s" + str(part).encode())
+    return h.hexdigest()
 
 
 def write_atomic(path, data: bytes) -> None:
@@ -15,7 +38,8 @@ def write_atomic(path, data: bytes) -> None:
     so `path` holds either its old content or all of the new; a failed write
     removes the temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # own name: ranks may write the same file
+    # A name of its own per writer: ranks, processes and threads may write the same file at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -7,8 +7,10 @@ A store is a folder:
                                 largest squared feature norm; "complete" once written
     shard-00000.safetensors     features (n, D), logits (n, C), labels (n,) int64,
                                 index (n,) int64: the examples' positions in the dataset
-    fits/<settings>/            what Attributors fitted on it (curvature, refits,
-                                per-shard normalisers), keyed by their settings
+    fits/<tag>/                 what Attributors fitted on it (curvature, refits,
+                                per-shard normalisers), keyed by what they depend on:
+                                the settings, this store's content and the layer;
+                                every file carries a SHA-256 of its tensors
 
 Shards are written whole to a temporary file and renamed, then the manifest is
 rewritten the same way, so a writer killed at any moment leaves a store that
@@ -19,37 +21,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from .. import _C
 from ..data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, check_magnitude, largest_sq_norm
-from .blocks import Block, Blocks, Columns, TrainingSet
-from .saved import write_atomic
-
-FORMAT = "exemplar-store"
-VERSION = 1
-MANIFEST = "manifest.json"
-DEFAULT_SHARD_ROWS = 65536
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
-
-
-class StoreError(ValueError):
-    """A store that is missing, damaged, or not the one expected."""
-
-
-def _manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from .blocks import Block, Blocks, TrainingSet
+from .fitcache import StoreColumns
+from .manifest import (
+    DEFAULT_SHARD_ROWS,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    SAFETENSORS_DTYPES,
+    VERSION,
+    StoreError,
+    check_shard,
+    dtype_name,
+    manifest_bytes,
+    read_manifest,
+)
+from .saved import digest, write_atomic
 
 
 class Store(TrainingSet):
@@ -67,7 +63,7 @@ class Store(TrainingSet):
                              f"{len(m['shards'])} shards so far): its writer was interrupted; rerun it with "
                              "the same arguments to finish")
         self.num_features, self.num_classes = m["D"], m["C"]
-        self.dtype = _DTYPES[m["dtype"]]
+        self.dtype = DTYPES[m["dtype"]]
         self.sizes = [s["rows"] for s in m["shards"]]
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.max_rows = max(self.sizes, default=0)
@@ -79,11 +75,18 @@ class Store(TrainingSet):
 
     def __repr__(self) -> str:
         return (f"Store({str(self.path)!r}, N={len(self)}, D={self.num_features}, C={self.num_classes}, "
-                f"{_dtype_name(self.dtype)}, {len(self.sizes)} shards)")
+                f"{dtype_name(self.dtype)}, {len(self.sizes)} shards)")
 
     def fingerprint(self) -> str:
-        """Names this store's content: its manifest's checksums and shapes."""
-        return f"{self.path.name}:{zlib.crc32(_manifest_bytes(self.manifest)):08x}"
+        """Names this store's content, wherever it lies (node-local copies of one
+        store agree): D, C, dtype and every shard's rows, bytes and CRC-32."""
+        m = self.manifest
+        return digest(json.dumps([m["D"], m["C"], m["dtype"],
+                                  [(s["rows"], s["bytes"], s["crc32"]) for s in m["shards"]]]))[:16]
+
+    def describe(self) -> str:
+        """The store's path and content fingerprint, for messages."""
+        return f"{self.path} (content {self.fingerprint()})"
 
     def largest_sq_norm(self) -> tuple[float, str]:
         """(max_i |f_i|^2, the shard holding it), from the manifest: no data read."""
@@ -111,10 +114,11 @@ class Store(TrainingSet):
         """The shards as the Attributor's row blocks, read ahead in the background."""
         return StoreBlocks(self)
 
-    def columns(self, tag: str, writer: bool) -> "StoreColumns":
-        """Per-example fitted values for the fit `tag`, kept under fits/<tag>/
-        beside the shards (written only when `writer`, i.e. rank 0)."""
-        return StoreColumns(self, tag, writer)
+    def columns(self, identity, writer: bool) -> "StoreColumns":
+        """Per-example fitted values and fits for `identity` (its .tag names the
+        folder fits/<tag>/, its .meta is recorded and checked), beside the shards
+        (the fitted file written only when `writer`, i.e. rank 0)."""
+        return StoreColumns(self, identity, writer)
 
     def load(self) -> LastLayerData:
         """The whole store in memory (for stores that fit)."""
@@ -162,88 +166,40 @@ def _parse(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         if name != "__metadata__":
             start, end = info["data_offsets"]
-            out[name] = raw[8 + n + start:8 + n + end].view(_SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+            out[name] = raw[8 + n + start:8 + n + end].view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
     return out
-
-
-def check_shard(path: Path, manifest: dict, shard: dict) -> None:
-    """The shard file exists, has the manifest's size, and its own header agrees
-    with the manifest (catches a manifest from another store before any data
-    is read; the CRC-32 is checked when the shard is read)."""
-    file = path / shard["file"]
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < (1 << 24) else None
-    except FileNotFoundError:
-        raise StoreError(f"store {path}: shard {shard['file']} is missing") from None
-    except (OSError, ValueError) as err:
-        raise StoreError(f"store {path}: shard {shard['file']} is unreadable: {err}") from None
-    if header is None:
-        raise StoreError(f"store {path}: shard {shard['file']} has no safetensors header")
-    want = {"features": ([shard["rows"], manifest["D"]], manifest["dtype"]),
-            "logits": ([shard["rows"], manifest["C"]], manifest["dtype"]),
-            "labels": ([shard["rows"]], "int64"), "index": ([shard["rows"]], "int64")}
-    for name, (shape, dtype) in want.items():
-        info = header.get(name)
-        got = None if info is None else (info["shape"],
-                                         _dtype_name(_SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])))
-        if got != (shape, dtype):
-            raise StoreError(f"store {path}: shard {shard['file']} holds {name} as {got}, but the manifest "
-                             f"(D={manifest['D']}, C={manifest['C']}, {manifest['dtype']}, "
-                             f"rows={shard['rows']}) says {(shape, dtype)}: the manifest is from another store")
-    if size != shard["bytes"]:
-        raise StoreError(f"store {path}: shard {shard['file']} has {size} bytes, the manifest says "
-                         f"{shard['bytes']} (truncated or replaced)")
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of the store at `path`, its fields' types checked; a StoreError names what is wrong."""
-    file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path} is not a store: {MANIFEST} is missing") from None
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{file} is not a readable store manifest: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{file} is not an exemplar store manifest (format is "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise StoreError(f"{file}: store format version {version!r} was written by a newer exemplar; this one "
-                         f"reads versions up to {VERSION}: upgrade exemplar")
-    for key, kind in (("D", int), ("C", int), ("dtype", str), ("shard_rows", int), ("shards", list),
-                      ("complete", bool)):
-        if not isinstance(manifest.get(key), kind):
-            raise StoreError(f"{file}: field {key!r} is missing or not a {kind.__name__}")
-    if manifest["dtype"] not in _DTYPES:
-        raise StoreError(f"{file}: field 'dtype' is {manifest['dtype']!r}, expected one of {tuple(_DTYPES)}")
-    return manifest
 
 
 class StoreWriter:
     """Appends rows to a store, one shard in memory at a time; reopening a
     store that was interrupted continues after its last complete shard.
-    `source` names what the rows came from (it must match on resuming)."""
+    `source` names what the rows came from (the data's content, or the model,
+    layer and loader order that produce them): a store started or finished
+    from another source is refused and left as it is, or with overwrite=True
+    removed and written anew."""
 
     def __init__(self, path: str | os.PathLike, D: int, C: int, dtype: torch.dtype,
-                 shard_rows: int = DEFAULT_SHARD_ROWS, source: dict | None = None):
+                 shard_rows: int = DEFAULT_SHARD_ROWS, source: dict | None = None, overwrite: bool = False):
         if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
             raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"features must be float32 or float64 to store, got {dtype}")
         self.path = Path(path)
-        fresh = {"format": FORMAT, "version": VERSION, "D": D, "C": C, "dtype": _dtype_name(dtype),
+        fresh = {"format": FORMAT, "version": VERSION, "D": D, "C": C, "dtype": dtype_name(dtype),
                  "shard_rows": shard_rows, "source": source or {}, "shards": [], "complete": False}
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         if (self.path / MANIFEST).exists():
             self.manifest = read_manifest(self.path)
-            for key in ("D", "C", "dtype", "shard_rows", "source"):
-                if self.manifest.get(key) != fresh[key]:
-                    raise StoreError(f"store {self.path} was started with {key}={self.manifest.get(key)!r}, "
-                                     f"not {fresh[key]!r}: resume it with the same arguments, or write to a new "
-                                     "path (nothing was changed)")
+            differs = _first_difference(self.manifest, fresh)
+            if differs is not None and overwrite:
+                _remove_store(self.path)
+            elif differs is not None:
+                key, held, here = differs
+                raise StoreError(f"store {self.path} holds other data: {key} is {held!r} there, {here!r} here; "
+                                 "write to another path, or pass overwrite=True to replace it (nothing was "
+                                 "changed)")
+        if (self.path / MANIFEST).exists():
             for shard in self.manifest["shards"]:
                 check_shard(self.path, self.manifest, shard)
             for stale in self.path.glob("*.tmp"):  # what a killed writer was writing
@@ -253,7 +209,7 @@ class StoreWriter:
                 raise StoreError(f"{self.path} exists and is not a store: refusing to write into it")
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = fresh
-            write_atomic(self.path / MANIFEST, _manifest_bytes(fresh))
+            write_atomic(self.path / MANIFEST, manifest_bytes(fresh))
         self.rows_done = sum(s["rows"] for s in self.manifest["shards"])
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_rows = 0
@@ -272,7 +228,7 @@ class StoreWriter:
         if features.shape[1:] != (m["D"],) or logits.shape[1:] != (m["C"],):
             raise StoreError(f"store {self.path} holds D={m['D']}, C={m['C']}; got features "
                              f"{tuple(features.shape)} and logits {tuple(logits.shape)}")
-        if _dtype_name(features.dtype) != m["dtype"]:
+        if dtype_name(features.dtype) != m["dtype"]:
             raise StoreError(f"store {self.path} holds {m['dtype']}; got {features.dtype}")
         LastLayerData(features, logits, labels)  # finite, shapes agree, labels in [0, C)
         check_labels_in_range(labels, m["C"])
@@ -289,7 +245,7 @@ class StoreWriter:
             if not self.manifest["shards"]:
                 raise StoreError(f"store {self.path}: no rows were written")
             self.manifest["complete"] = True
-            write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
+            write_atomic(self.path / MANIFEST, manifest_bytes(self.manifest))
         return Store(self.path)
 
     def _flush(self, rows: int) -> None:
@@ -305,18 +261,38 @@ class StoreWriter:
         sq = largest_sq_norm(features)
         self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
                                         "crc32": f"{zlib.crc32(data):08x}", "max_sq_norm": sq})
-        write_atomic(self.path / MANIFEST, _manifest_bytes(self.manifest))
+        write_atomic(self.path / MANIFEST, manifest_bytes(self.manifest))
         self.rows_done += rows
 
 
+def _first_difference(held: dict, fresh: dict):
+    """(field, held value, new value) of the first setting that differs, source fields by name, or None."""
+    for key in ("D", "C", "dtype", "shard_rows"):
+        if held.get(key) != fresh[key]:
+            return key, held.get(key), fresh[key]
+    for key in sorted(set(held["source"]) | set(fresh["source"])):
+        if held["source"].get(key) != fresh["source"].get(key):
+            return f"source.{key}", held["source"].get(key), fresh["source"].get(key)
+    return None
+
+
+def _remove_store(path: Path) -> None:
+    """Removes what a store consists of (and nothing else) from `path`."""
+    for name in [MANIFEST, *(p.name for p in path.glob("shard-*.safetensors")), *(p.name for p in path.glob(".*.tmp"))]:
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / "fits", ignore_errors=True)
+
+
 def write_store(data: LastLayerData, path: str | os.PathLike, shard_rows: int = DEFAULT_SHARD_ROWS,
-                source: dict | None = None) -> Store:
+                source: dict | None = None, overwrite: bool = False) -> Store:
     """Writes in-memory training data (with labels) to a new store, or finishes
-    an interrupted write of the same data."""
+    an interrupted write of the same data; a store of other data (its content
+    digest differs) is refused unless overwrite=True."""
     if not isinstance(data, LastLayerData) or data.labels is None:
         raise ValueError("write_store needs a LastLayerData with labels")
+    content = digest(data.features, data.logits, data.labels)[:16]
     writer = StoreWriter(path, data.num_features, data.num_classes, data.dtype, shard_rows,
-                         source or {"from": "tensors", "rows": len(data)})
+                         source or {"from": "tensors", "rows": len(data), "content": content}, overwrite)
     start = writer.rows_done
     if not writer.complete:
         for s in range(start, len(data), shard_rows):
@@ -325,51 +301,3 @@ def write_store(data: LastLayerData, path: str | os.PathLike, shard_rows: int = 
     return writer.finish()
 
 
-class StoreColumns(Columns):
-    """An Attributor's fits on a store, under fits/<tag>/: the curvature and
-    whole-set fits in fitted.safetensors (written by rank 0), and per-example
-    values one file per key and shard, so a second Attributor with the same
-    settings reads them instead of recomputing."""
-
-    def __init__(self, store: Store, tag: str, writer: bool):
-        self.folder = store.path / "fits" / tag
-        self.writer, self.sizes = writer, store.sizes
-
-    def _file(self, key: str, index: int) -> Path:
-        return self.folder / key / f"{index:05d}.safetensors"
-
-    def get(self, keys, index: int):
-        files = [self._file(k, index) for k in keys]
-        if not all(f.exists() for f in files):
-            return None
-        return tuple(load_bytes(f.read_bytes())["value"] for f in files)
-
-    def put(self, keys, index: int, values) -> None:
-        for key, value in zip(keys, values):
-            self._file(key, index).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._file(key, index), save_bytes({"value": value.detach().cpu().contiguous()}))
-
-    def whole(self) -> dict[str, torch.Tensor]:
-        shards = range(len(self.sizes))
-        keys = sorted(p.name for p in self.folder.glob("*") if p.is_dir())
-        found = {k: [self.get((k,), i) for i in shards] for k in keys}
-        return {k: torch.cat([v for (v,) in parts]) for k, parts in found.items() if all(parts)}
-
-    def put_whole(self, key: str, value: torch.Tensor) -> None:
-        for index, part in enumerate(value.split(self.sizes)):
-            self.put((key,), index, (part,))
-
-    def save_fitted(self, tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> None:
-        if self.writer:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                              metadata={"kinds": json.dumps(kinds, sort_keys=True)})
-            write_atomic(self.folder / "fitted.safetensors", data)
-
-    def load_fitted(self):
-        """(tensors, kinds) as save_fitted was given them, or None."""
-        file = self.folder / "fitted.safetensors"
-        if not file.exists():
-            return None
-        with safe_open(file, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["kinds"])
