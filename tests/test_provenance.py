@@ -367,3 +367,25 @@ def test_the_cli_refuses_a_hard_link_of_an_input(cli_files, capsys):
     os.link(cli_files / "train.safetensors", cli_files / "hard.safetensors")
     assert main(["fit", str(cli_files / "train.safetensors"), "-o", str(cli_files / "hard.safetensors")]) == 2
     assert "is also an input" in capsys.readouterr().err
+
+
+def test_a_store_on_a_read_only_mount_answers(tmp_path):
+    """The real thing where the machine allows it (root may bind-mount read-only): a store
+    on a mounted dataset or a shared cluster folder."""
+    train = make_data(70, 3, 5, seed=45)
+    write_store(train, tmp_path / "src" / "s", shard_rows=25)
+    (tmp_path / "ro").mkdir()
+    mount = subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(tmp_path / "ro")], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mount.stderr.decode().strip()}")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(tmp_path / "ro")]).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        test = make_data(4, 3, 5, seed=46, labels=False)
+        with pytest.warns(UserWarning, match=r"read-only"):
+            got = exemplar.Attributor(tmp_path / "ro" / "s", curvature="ekfac").topk(test, 3, "theta_relatif")
+        want = exemplar.Attributor(train, curvature="ekfac").topk(test, 3, "theta_relatif")
+        assert torch.equal(got.indices, want.indices)
+        assert not (tmp_path / "src" / "s" / "fits").exists()
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")])
