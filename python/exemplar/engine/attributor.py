@@ -204,7 +204,7 @@ class Attributor:
 
     # ---------------------------------------------------------------- API
 
-    def scores(self, test, method: str = "if") -> torch.Tensor:
+    def scores(self, test, method: str = "theta_relatif") -> torch.Tensor:
         """score(t, i) of every training example for every test example.
 
         Arguments:
@@ -226,7 +226,7 @@ class Attributor:
         return self._passes.per_row(f"scores {method}", (len(test),),
                                     lambda rows: q.scores(m.operands(self._fitted, rows)))
 
-    def topk(self, test, k: int, method: str = "if", largest: bool = True,
+    def topk(self, test, k: int, method: str = "theta_relatif", largest: bool = True,
              out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024,
              precision: str = "exact") -> TopK:
         """The k most helpful training examples per test example (or with
@@ -286,7 +286,7 @@ class Attributor:
         return TopK(torch.cat([p["values"].to(self.device) for p in parts]),
                     torch.cat([p["indices"].to(self.device) for p in parts]))
 
-    def explain(self, test, k: int = 5, method: str = "if", opponents: int = 0) -> Explanation:
+    def explain(self, test, k: int = 5, method: str = "theta_relatif", opponents: int = 0) -> Explanation:
         """An Explanation of each test prediction: its k top proponents by
         `method` and, with opponents=m > 0, its m top opponents (the most
         negative scores). test and method as for scores()."""
@@ -317,7 +317,7 @@ class Attributor:
             return merge_topk(group.all_gather((values, indices)), k, largest)
         return values, indices
 
-    def total_scores(self, test, method: str = "if") -> torch.Tensor:
+    def total_scores(self, test, method: str = "theta_relatif") -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass (test and
         method as for scores())."""
         m, test = methods.get(method), self.check_test(test)

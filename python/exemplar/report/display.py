@@ -29,6 +29,16 @@ SCORE_UNITS = {
 }
 
 
+# The names readers know, for headings and legends.
+METHOD_NAMES = {"if": "IF", "theta_relatif": "θ-RelatIF", "l_relatif": "ℓ-RelatIF", "grad_dot": "grad-dot",
+                "grad_cos": "grad-cos", "rps_l2": "RPS-l2", "rps_lje": "RPS-LJE", "knn": "kNN"}
+
+
+def method_name(method: str) -> str:
+    """The name a reader knows for a method ("θ-RelatIF" for "theta_relatif"); others as they are."""
+    return METHOD_NAMES.get(method, method)
+
+
 class Examples:
     """Inputs to show, by example index: a tensor or array (N, ...) of images
     ((H, W), (1|3, H, W), (H, W, 3), or flat rows with image_shape), a
@@ -97,7 +107,7 @@ def by_heading(explanations, test_names=None, test_labels=None) -> tuple[dict, i
     dict of them, checked to cover the same T tests as test_names and
     test_labels (when given)."""
     if isinstance(explanations, Explanation):
-        explanations = {explanations.method or "scores": explanations}
+        explanations = {method_name(explanations.method) if explanations.method else "scores": explanations}
     if not isinstance(explanations, dict) or not explanations \
             or not all(isinstance(e, Explanation) for e in explanations.values()):
         raise TypeError("explanations must be an Explanation or a non-empty dict {heading: Explanation}")

@@ -13,7 +13,7 @@ import torch
 
 from ..analysis.debugging import suspicion_order
 from ..storage.saved import write_atomic
-from .display import SCORE_UNITS, Examples, by_heading, class_name, png_bytes, test_name
+from .display import SCORE_UNITS, Examples, by_heading, class_name, method_name, png_bytes, test_name
 
 TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
 
@@ -24,16 +24,20 @@ nav a{margin-right:1.5em} h2{margin-top:2em;border-bottom:1px solid #ccc}
 .test{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1em 0;display:flex;gap:1.2em}
 .query{min-width:9em;max-width:22em;flex:0 0 auto} .methods{display:grid;gap:1.5em;flex:1}
 .method h4{margin:.2em 0} .row{display:flex;gap:.5em;flex-wrap:wrap;margin-bottom:.6em}
-.ex{font-size:.78em;flex:1 1 9em;max-width:15em} .ex img,.query img{width:72px;image-rendering:pixelated;display:block}
+.ex{font-size:.78em;flex:1 1 9em;max-width:15em}
+.ex img,.query img,.suspects img{width:72px;image-rendering:pixelated;display:block}
 .text{white-space:pre-wrap;border:1px solid #eee;background:#fafafa;padding:.3em;max-height:9em;overflow:auto}
 .pos{color:#1a6b1a} .neg{color:#a01818} .kind{font-weight:600;font-size:.85em;margin:.3em 0}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 """
 
-# Sets data-broken-images on <body> once loaded: how a headless browser test
-# sees that every inlined image decoded.
-CHECK_IMAGES = ("<script>addEventListener('load',()=>{document.body.dataset.brokenImages="
-                "[...document.images].filter(i=>!i.complete||i.naturalWidth===0).length})</script>")
+# Sets data-broken-images on <body> once loaded, and the smallest rendered width
+# of the proponents' and the suspects' thumbnails: how a headless browser test
+# sees that every inlined image decoded and that none is shown too small to read.
+CHECK_IMAGES = ("<script>addEventListener('load',()=>{const d=document.body.dataset,"
+                "w=s=>Math.min(...[...document.querySelectorAll(s)].map(i=>i.getBoundingClientRect().width));"
+                "d.brokenImages=[...document.images].filter(i=>!i.complete||i.naturalWidth===0).length;"
+                "d.exampleWidth=w('.ex img');d.suspectWidth=w('.suspects img')})</script>")
 
 
 def report(path, explanations, test_inputs=None, train_inputs=None, *, train_labels=None,
@@ -72,8 +76,9 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
              + ("<a href='#suspects'>Self-influence suspects</a>" if self_influence is not None else "")
              + "</nav>", "<div class='legend'><p>Proponents: training examples whose scores support the "
              "test's explained label (most positive first); opponents: those that oppose it (most negative "
-             "first). Indices are rows of the training set. <i>p</i> is the model's softmax probability of "
-             "the explained label. Scores:</p><ul>"]
+             "first). Each is captioned with its training index (train #i, a row of the training set), its "
+             "label and its score. <i>p</i> is the model's softmax probability of the explained label. "
+             "Scores:</p><ul>"]
     for heading, e in explanations.items():
         units = SCORE_UNITS.get(e.method, "see the method's documentation")
         parts.append(f"<li><b>{html.escape(heading)}</b>: {html.escape(units)}</li>")
@@ -116,9 +121,10 @@ def _suspects(scores, count, method, train, label_of, class_names) -> str:
     scores = torch.as_tensor(scores).detach().cpu().double().reshape(-1)
     order = suspicion_order(scores, method)[:count]
     rows = ["<h2 id='suspects'>Self-influence suspects</h2><p class='legend'>The training examples with the "
-            f"largest self-influence ({html.escape(method)}: the score of each example for its own label), "
+            f"largest self-influence ({html.escape(method_name(method))}: the score of each example for its "
+            "own label), "
             "most suspicious first: the model finds them hard, and mislabelled examples rank high. Check "
-            "their labels first.</p><table><tr><th>rank</th><th>example</th><th>index</th><th>label</th>"
+            "their labels first.</p><table class='suspects'><tr><th>rank</th><th>example</th><th>index</th><th>label</th>"
             "<th>self-influence</th></tr>"]
     for rank, i in enumerate(order.tolist()):
         label = label_of(i)
@@ -130,8 +136,8 @@ def _suspects(scores, count, method, train, label_of, class_names) -> str:
 
 def _example(item, index, label, score, class_names) -> str:
     sign = "pos" if score > 0 else "neg" if score < 0 else ""
-    caption = f"#{index}" + ("" if label is None else f" · {html.escape(class_name(label, class_names))}")
-    return f"<div class='ex'>{_show(item)}{caption}<br><span class='{sign}'>{score:.4g}</span></div>"
+    caption = f"train #{index}" + ("" if label is None else f", label {html.escape(class_name(label, class_names))}")
+    return (f"<div class='ex'>{_show(item)}{caption}<br>score <span class='{sign}'>{score:.4g}</span></div>")
 
 
 def _show(item) -> str:

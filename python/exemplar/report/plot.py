@@ -39,11 +39,17 @@ def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_lab
         _draw(axes[r][0], tests[t], f"{name}\n{truth}pred {class_name(int(e.predictions[t]), class_names)}{p}")
         axes[r][0].set_ylabel(heading, fontsize=8)
         for c, (i, score, kind) in enumerate(items, start=1):
-            label = "" if train_labels is None else f" y={class_name(int(train_labels[i]), class_names)}"
-            _draw(axes[r][c], train[i], f"{kind}#{i}{label}\n{score:.3g}")
+            label = "" if train_labels is None else f", label {class_name(int(train_labels[i]), class_names)}"
+            _draw(axes[r][c], train[i], f"{kind}#{i}{label}\nscore {score:.3g}")
         for c in range(len(items) + 1, width):
             axes[r][c].axis("off")
-    fig.tight_layout()
+    methods = ", ".join(explanations)
+    fig.suptitle(f"Training images behind each test prediction, by {methods}", fontsize=10)
+    fig.text(0.5, 0.005, "Each row: a test image (name, true label, the model's prediction, p = its probability "
+             "of the explained label), then its top proponents, most supportive first, and its opponents "
+             "('opp.'), most opposing first. Under each training image: #i, its row in the training set, "
+             "its label and its score. Pixels as given: 0 is black.", ha="center", va="bottom", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     if path is not None:
         fig.savefig(path, dpi=150)
     return fig
@@ -52,7 +58,8 @@ def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_lab
 def _draw(ax, image, caption: str) -> None:
     if image is None or isinstance(image, str):
         raise TypeError("exemplar.plot.grid draws images; use exemplar.report for texts")
-    ax.imshow(image.numpy(), cmap="gray_r" if image.dim() == 2 else None, vmin=0, vmax=1)
+    # Pixel values as they are (0 black), as exemplar.report's PNGs show them.
+    ax.imshow(image.numpy(), cmap="gray" if image.dim() == 2 else None, vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(caption, fontsize=7)
