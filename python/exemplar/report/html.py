@@ -124,8 +124,8 @@ def _suspects(scores, count, method, train, label_of, class_names) -> str:
             f"largest self-influence ({html.escape(method_name(method))}: the score of each example for its "
             "own label), "
             "most suspicious first: the model finds them hard, and mislabelled examples rank high. Check "
-            "their labels first.</p><table class='suspects'><tr><th>rank</th><th>example</th><th>index</th><th>label</th>"
-            "<th>self-influence</th></tr>"]
+            "their labels first.</p><table class='suspects'><tr><th>rank</th><th>example</th><th>index</th>"
+            "<th>label</th><th>self-influence</th></tr>"]
     for rank, i in enumerate(order.tolist()):
         label = label_of(i)
         rows.append(f"<tr><td>{rank + 1}</td><td>{_show(train[i])}</td><td>#{i}</td>"
