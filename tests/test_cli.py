@@ -135,3 +135,12 @@ def test_help_of_every_command_shows_its_defaults(command, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert done.value.code == 0 and out.startswith("usage: exemplar") and "-o OUTPUT" in out
     assert "(default: " in out, out
+
+
+def test_fit_says_what_it_fitted(files, capsys, tmp_path):
+    folder, *_ = files
+    assert main(["fit", str(folder / "train.safetensors"), "-o", str(tmp_path / "f.safetensors"),
+                 "--curvature", "kfac"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fitted kfac curvature (damping 0.001) on N=80 training examples (D=6, C=4); wrote ")
+    assert "Attributor(" not in out
