@@ -55,9 +55,13 @@ def integer_labels(labels, where: str = "") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LastLayerData:
-    """features (N, D): the last layer's inputs; logits (N, C): its outputs;
-    labels (N,) int64 or None. For test data, labels name the class to explain;
-    None explains each example's predicted class."""
+    """What a classifier's last linear layer saw and said, checked on construction.
+
+    Arguments:
+        features: (N, D) float32 or float64, finite: the last layer's inputs.
+        logits: (N, C), C >= 2, the same dtype and device: its outputs.
+        labels: (N,) integers in [0, C), or None. For test data, labels name
+            the class to explain; None explains each example's predicted class."""
 
     features: torch.Tensor
     logits: torch.Tensor

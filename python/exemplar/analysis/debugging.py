@@ -18,8 +18,15 @@ DEBUG_METHODS = ("if", "rps_l2", "rps_lje", "random")
 
 
 def inspection_order(attributor: Attributor, method: str = "if") -> torch.Tensor:
-    """(N,) training indices, most suspicious first: by self-influence for the
-    influence methods, by |self-contribution| |alpha_i K(x_i, x_i)| for RPS."""
+    """Training examples in the order to check their labels.
+
+    Arguments:
+        attributor: the Attributor over the training set.
+        method: an influence method (by self-influence) or a representer one
+            (by |self-contribution| |alpha_i K(x_i, x_i)|); not kNN.
+
+    Returns:
+        (N,) training indices, most suspicious first."""
     _check_ranked(method)
     return suspicion_order(attributor.self_influence(method), method)
 
@@ -38,8 +45,17 @@ def _check_ranked(method: str) -> None:
 
 
 def flip_labels(labels: torch.Tensor, num_classes: int, fraction: float, seed: int = 0):
-    """(noisy labels (N,), flipped mask (N,) bool): round(fraction * N) labels,
-    chosen uniformly, each moved to a uniformly chosen different class."""
+    """Flips a fraction of labels to another class, for label-debugging experiments.
+
+    Arguments:
+        labels: (N,) integer labels in [0, num_classes).
+        num_classes: C >= 2.
+        fraction: in [0, 1]: round(fraction * N) labels, chosen uniformly,
+            each moved to a uniformly chosen different class.
+        seed: the generator's seed.
+
+    Returns:
+        (noisy labels (N,), flipped mask (N,) bool)."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -105,11 +121,24 @@ def debug_labels(retrain: Callable[[torch.Tensor], Fit], labels: torch.Tensor, n
                  fraction: float = 0.2, methods=DEBUG_METHODS,
                  checked=tuple(i / 20 for i in range(11)), accuracy_checked=(),
                  seed: int = 0, progress: bool | None = None, **attributor_kwargs) -> DebugReport:
-    """Flips `fraction` of `labels`, calls retrain(noisy_labels) -> Fit, ranks the
-    training points by each method and reports the fraction of flipped labels
-    found per fraction checked. For each fraction in accuracy_checked it fixes
-    the flipped labels among the checked points, retrains and records the test
-    accuracy (Sui et al. Fig. 4). attributor_kwargs go to the Attributor."""
+    """How fast each method finds flipped labels (Sui et al. Fig. 4).
+
+    Arguments:
+        retrain: labels (N,) -> Fit: the last layer refitted on those labels.
+        labels: (N,) the clean training labels.
+        num_classes: C.
+        fraction: of the labels to flip.
+        methods: rankings to compare (influence and representer methods, "random").
+        checked: fractions of the training set checked, in inspection order.
+        accuracy_checked: fractions at which the flipped labels found are
+            fixed, the layer retrained and the test accuracy recorded.
+        seed: for the flips and the random ranking.
+        progress: a progress line per retrain.
+        attributor_kwargs: passed to the Attributor.
+
+    Returns:
+        A DebugReport: the fraction of flipped labels found per fraction
+        checked, per method (to_markdown() prints it)."""
     unknown = [m for m in methods if m not in DEBUG_METHODS]
     if unknown:
         raise ValueError(f"methods must be among {DEBUG_METHODS}, got {unknown}")

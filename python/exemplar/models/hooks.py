@@ -46,6 +46,13 @@ class LastLayer:
     """Finds the classifier's final nn.Linear (or the one named or passed as
     `layer`) and collects its inputs (features) and outputs (logits).
 
+    Arguments:
+        model: the classifier (an nn.Module).
+        layer: a module name such as "classifier", the module itself, or
+            None for the last nn.Linear to run.
+        output: where the logits are in a structured output: an index, a key
+            or attribute name, or a callable taking the output (None: found).
+
     Batches: a tensor of inputs; a tuple (inputs..., labels); or a dict such
     as a Hugging Face tokenizer's output, passed to the model as keyword
     arguments, with its "labels" entry taken as the labels (and not passed).

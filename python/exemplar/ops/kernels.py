@@ -68,12 +68,26 @@ def cholesky_quad_norms(r, phi, chol) -> torch.Tensor:
 
 
 def scores(s, r, phi, inv_norm) -> torch.Tensor:
-    """s (T, C, Dp), r (N, C), phi (N, Dp), inv_norm (N,) -> (T, N)."""
+    """Every score of the general path, score(t, i) = <S_t, r_i phi_i^T> inv_norm_i.
+
+    Arguments:
+        s: (T, C, Dp) preconditioned test gradients.
+        r: (N, C), phi: (N, Dp), inv_norm: (N,): the training side.
+
+    Returns:
+        (T, N)."""
     return _ops.scores(s, r, phi, inv_norm)
 
 
 def scores_rank1(alpha, beta, r, phi, inv_norm) -> torch.Tensor:
-    """alpha (T, C), beta (T, Dp), r (N, C), phi (N, Dp), inv_norm (N,) -> (T, N)."""
+    """Every score of the rank-1 path, S_t = alpha_t beta_t^T.
+
+    Arguments:
+        alpha: (T, C) (or (T, m, C) for m rank-1 terms), beta: (T, Dp) (or (T, m, Dp)).
+        r: (N, C), phi: (N, Dp), inv_norm: (N,): the training side.
+
+    Returns:
+        (T, N)."""
     return _ops.scores_rank1(alpha, beta, r, phi, inv_norm)
 
 
@@ -107,16 +121,24 @@ def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
 
 def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
          precision: str = "exact"):
-    """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix:
-    (values (T, k), indices (T, k) int64), best first. Order: the larger score
-    first (smaller with largest=False), NaN after every number, ties by
-    ascending training index; so topk(k) is a prefix of topk(k + 1) and, for
-    k <= N, every index is a real training row. kernel: see TOPK_KERNELS.
-    precision: "exact" (default), or "tf32" / "bf16": screen every score tile
-    in that format (tensor cores on a GPU), rescore the examples a rigorous
-    error bound cannot rule out, and return the same indices as "exact" (up to
-    rounding-level ties) with their exact scores (exemplar.ops.screen; finite
-    operands only)."""
+    """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix.
+
+    Arguments:
+        s, r, phi, inv_norm: as for scores().
+        k: an integer in [1, N].
+        largest: True ranks larger scores first.
+        kernel: see TOPK_KERNELS ("default", "streamed", "fused" on CUDA).
+        precision: "exact" (default), or "tf32" / "bf16": screen every score
+            tile in that format (tensor cores on a GPU), rescore the examples
+            a rigorous error bound cannot rule out, and return the same
+            indices as "exact" (up to rounding-level ties) with their exact
+            scores (exemplar.ops.screen; finite operands only).
+
+    Returns:
+        (values (T, k), indices (T, k) int64), best first. Order: the larger
+        score first (smaller with largest=False), NaN after every number,
+        ties by ascending training index; so topk(k) is a prefix of topk(k + 1)
+        and, for k <= N, every index is a real training row."""
     op = _topk_op(k, largest, r, kernel, rank1=False)
     if precision != "exact":
         return _screened(op, None, s, r, phi, inv_norm, k, largest, kernel, precision)
@@ -125,8 +147,14 @@ def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "defau
 
 def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
                precision: str = "exact"):
-    """Top-k of scores_rank1(...) per row: (values (T, k), indices (T, k) int64),
-    in topk's order; precision as for topk."""
+    """Top-k of scores_rank1(...) per row without the (T, N) matrix.
+
+    Arguments:
+        alpha, beta, r, phi, inv_norm: as for scores_rank1().
+        k, largest, kernel, precision: as for topk().
+
+    Returns:
+        (values (T, k), indices (T, k) int64), in topk's order."""
     op = _topk_op(k, largest, r, kernel, rank1=True)
     if precision != "exact":
         return _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision)

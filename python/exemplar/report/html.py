@@ -44,23 +44,32 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
            test_labels=None, class_names=None, test_names=None, self_influence=None,
            suspects: int = 24, self_influence_method: str = "if", image_shape=None,
            title: str = "exemplar report") -> Path:
-    """Writes one self-contained HTML file to `path` and returns its path.
+    """Writes one self-contained HTML file (images inlined, nothing fetched).
 
-    explanations: an Explanation, or a dict {heading: Explanation} of several
-    methods over the same tests, shown side by side (e.g. {"IF": e1,
-    "θ-RelatIF": e2}). Each shows its proponents and, when computed
-    (opponents=m), its opponents. test_inputs / train_inputs: what to show
-    for an example: a tensor/array of images (T or N, ...), a sequence of
-    texts, a callable index -> image or text, or None (indices only);
-    image_shape reshapes flat rows into images. train_labels (N,): the
-    training labels shown under each example. test_labels (T,): the tests'
-    true labels, when known. class_names: names indexed by class. test_names:
-    a caption per test (default "test #i", i its row in the explanations).
-    self_influence (N,): scores by `self_influence_method` (e.g.
-    attr.self_influence("if")); the `suspects` first in inspection order
-    (the largest; for RPS the largest in magnitude) are listed on a page of
-    their own as the training examples most worth checking for wrong labels.
-    """
+    Arguments:
+        path: the .html file to write (atomically).
+        explanations: an Explanation, or a dict {heading: Explanation} of
+            several methods over the same tests, shown side by side (e.g.
+            {"IF": e1, "θ-RelatIF": e2}); each shows its proponents and, when
+            computed (opponents=m), its opponents.
+        test_inputs: what to show per test: a tensor/array of images (T, ...),
+            a sequence of texts, a callable index -> image or text, or None.
+        train_inputs: the same per training example (N, ...).
+        train_labels: (N,) the training labels shown under each example.
+        test_labels: (T,) the tests' true labels, when known.
+        class_names: names indexed by class.
+        test_names: a caption per test (default "test #i", i its row).
+        self_influence: (N,) scores by `self_influence_method` (e.g.
+            attr.self_influence("if")): lists the `suspects` first in
+            inspection order on a page of their own, the training examples
+            most worth checking for wrong labels.
+        suspects: how many suspects to list (>= 1).
+        self_influence_method: the method self_influence was computed by.
+        image_shape: reshapes flat rows of inputs into images.
+        title: the page's title.
+
+    Returns:
+        The Path written."""
     explanations, T = by_heading(explanations, test_names, test_labels)
     if isinstance(suspects, bool) or not isinstance(suspects, int) or suspects < 1:
         raise ValueError(f"suspects must be an integer >= 1, got {suspects!r}")

@@ -7,13 +7,22 @@ from .display import Examples, by_heading, class_name, test_name
 
 def grid(explanations, test_inputs, train_inputs, *, train_labels=None, test_labels=None,
          class_names=None, test_names=None, image_shape=None, path=None, cell: float = 1.3):
-    """A matplotlib Figure: per test and method, the test image then its top-k
+    """A matplotlib grid: per test and method, the test image then its top-k
     proponents (and opponents, when the Explanation has them), each captioned
-    with its training index, label and score. explanations: an Explanation
-    or a dict {heading: Explanation}; the other arguments are as for
-    exemplar.report (inputs must be images). The test caption gives its name,
-    true label (when given), prediction and p, the model's probability of
-    the explained label. path: also save the figure there (PNG at 150 dpi)."""
+    with its training index, label and score, under a title and a legend.
+
+    Arguments:
+        explanations: an Explanation or a dict {heading: Explanation}.
+        test_inputs, train_inputs: images, as for exemplar.report.
+        train_labels, test_labels, class_names, test_names, image_shape: as
+            for exemplar.report.
+        path: also save the figure there (PNG at 150 dpi).
+        cell: inches per image.
+
+    Returns:
+        The matplotlib Figure. The test caption gives its name, true label
+        (when given), prediction and p, the model's probability of the
+        explained label."""
     import matplotlib
 
     if path is not None:

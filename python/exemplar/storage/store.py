@@ -50,8 +50,12 @@ from .saved import digest, write_atomic
 
 class Store(TrainingSet):
     """A complete store opened for reading, and a TrainingSet (blocks.py) an
-    Attributor streams. device: where its shards are delivered (pinned host
-    memory and non-blocking copies for a GPU)."""
+    Attributor streams.
+
+    Arguments:
+        path: the store's folder (manifest.json and shards, checked on opening).
+        device: where its shards are delivered (pinned host memory and
+            non-blocking copies for a GPU)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         self.path = Path(path)
@@ -285,9 +289,21 @@ def _remove_store(path: Path) -> None:
 
 def write_store(data: LastLayerData, path: str | os.PathLike, shard_rows: int = DEFAULT_SHARD_ROWS,
                 source: dict | None = None, overwrite: bool = False) -> Store:
-    """Writes in-memory training data (with labels) to a new store, or finishes
-    an interrupted write of the same data; a store of other data (its content
-    digest differs) is refused unless overwrite=True."""
+    """Writes in-memory training data to a store on disk.
+
+    Arguments:
+        data: a LastLayerData with labels.
+        path: the store's folder: new, or holding an interrupted write of the
+            same data (finished from its last complete shard), or a complete
+            store of the same data (reused as it is).
+        shard_rows: rows per shard.
+        source: what the rows came from, recorded in the manifest (default:
+            a digest of the data's content).
+        overwrite: replace a store of other data at `path` (refused otherwise,
+            nothing changed).
+
+    Returns:
+        The complete Store."""
     if not isinstance(data, LastLayerData) or data.labels is None:
         raise ValueError("write_store needs a LastLayerData with labels")
     content = digest(data.features, data.logits, data.labels)[:16]
