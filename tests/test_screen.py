@@ -138,3 +138,55 @@ def test_precision_errors():
     train = make_data(40, 3, 4, seed=7)
     with pytest.raises(ValueError, match="precision must be one of"):
         exemplar.Attributor(train).topk(train, 3, precision="half")
+
+
+def test_operands_beyond_the_reduced_formats_range_get_the_exact_answer():
+    """Subnormal float32 training features against large test features
+    (bias=False, grad-dot) made the tf32 screen's top-1 wrong: such operands
+    now go to the exact path."""
+    g = torch.Generator().manual_seed(3)
+    train = exemplar.LastLayerData((torch.randn(30, 4, generator=g) * 5e-42).float(),
+                                   torch.randn(30, 3, generator=g).float(), torch.randint(0, 3, (30,), generator=g))
+    test = exemplar.LastLayerData((torch.randn(3, 4, generator=g) * 1e10).float(),
+                                  torch.randn(3, 3, generator=g).float())
+    attr = exemplar.Attributor(train, curvature="identity", damping=0.0, bias=False)
+    want = attr.topk(test, 1, "grad_dot")
+    for precision in PRECISIONS:
+        got = attr.topk(test, 1, "grad_dot", precision=precision)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values), precision
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.float64]), train_exp=st.integers(-150, 120),
+       test_exp=st.integers(-150, 120), precision=st.sampled_from(PRECISIONS), N=st.sampled_from([1, 7, 300]),
+       D=st.sampled_from([1, 5, 130]), seed=st.integers(0, 2**16))
+def test_screened_answers_equal_exact_over_the_whole_exponent_range(dtype, train_exp, test_exp, precision, N, D,
+                                                                    seed):
+    """Features scaled by 2^e over the float32 range (subnormals included, up to
+    2^120 so randn stays finite; float64 features too): the screened top-k is
+    the exact one, whatever the scale, or both refuse the same magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    train = exemplar.LastLayerData((torch.randn(N, D, generator=g, dtype=torch.float64) * 2.0 ** train_exp).to(dtype),
+                                   torch.randn(N, 3, generator=g, dtype=torch.float64).to(dtype),
+                                   torch.randint(0, 3, (N,), generator=g))
+    test = exemplar.LastLayerData((torch.randn(4, D, generator=g, dtype=torch.float64) * 2.0 ** test_exp).to(dtype),
+                                  torch.randn(4, 3, generator=g, dtype=torch.float64).to(dtype))
+    try:
+        attr = exemplar.Attributor(train, curvature="identity", damping=0.0, bias=False)
+        want = attr.topk(test, N, "grad_dot")  # k = N: every row's rank must agree
+    except ValueError as err:  # magnitudes the dtype cannot hold are refused by the exact path too
+        assert "too large" in str(err)
+        return
+    got = attr.topk(test, N, "grad_dot", precision=precision)
+    # Exact scores, rescored from the original operands in another summation
+    # order than the kernel's; indices the same but for rounding-level ties:
+    # the exact scores of the returned indices are the exact ranking's values.
+    tol = (1e-5 if dtype == torch.float32 else 1e-12) * float(want.values.abs().max())
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=tol)
+    torch.testing.assert_close(attr.scores(test, "grad_dot").gather(1, got.indices), want.values, rtol=0, atol=tol)
+    assert float((got.indices == want.indices).double().mean()) > 0.95

@@ -112,7 +112,11 @@ def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
     if kernel != "default":
         raise ValueError(f"precision={precision!r} screens on the streamed path; kernel must be 'default', "
                          f"got {kernel!r}")
-    op(*(x[:0] for x in ((beta,) if alpha is None else (alpha, beta))), r, phi, inv_norm, k, largest)
+    test_side = (beta,) if alpha is None else (alpha, beta)
+    op(*(x[:0] for x in test_side), r, phi, inv_norm, k, largest)
+    screen.check_finite(alpha, beta, r, phi, inv_norm)
+    if not screen.bound_applies(alpha, beta, r, phi, inv_norm):  # beyond the reduced formats' range
+        return op(*test_side, r, phi, inv_norm, k, largest)
     if alpha is not None and alpha.dim() == 2:  # rank 1: one term
         alpha, beta = alpha.unsqueeze(1), beta.unsqueeze(1)
     values, indices, _ = screen.screened_topk(alpha, beta, r, phi, inv_norm, k, largest, precision)

@@ -126,15 +126,43 @@ class Screen:
         return (a * b).sum(1) * inv, bound
 
 
+# The bound is relative: it holds while every rounded operand and every product
+# is a normal number of float32 / bf16 / tf32 (8-bit exponents, normal from
+# 2^-126, finite below 2^128). Entries within 2^+-SAFE_EXPONENT and norm products
+# below 2^SAFE_PRODUCT keep every product, sum and bound there, with room for
+# D up to 2^26 terms; anything else goes to the exact path.
+SAFE_EXPONENT = 60
+SAFE_PRODUCT = 100
+
+
+def check_finite(*operands: torch.Tensor | None) -> None:
+    """Refuses NaN and inf: the screen's bound is for finite operands."""
+    if not all(bool(torch.isfinite(x).all()) for x in operands if x is not None):
+        raise ValueError("precision='tf32'/'bf16' screens finite operands only; use precision='exact' "
+                         "for operands with NaN or inf")
+
+
+def bound_applies(*operands: torch.Tensor | None) -> bool:
+    """Whether every nonzero entry of the operands lies within 2^+-SAFE_EXPONENT
+    and the product of their largest entries within 2^SAFE_PRODUCT, so the
+    screen's error bound holds (no overflow, no gradual underflow)."""
+    largest = 1.0
+    for x in (o for o in operands if o is not None):
+        magnitude = x.detach().abs()
+        top = float(magnitude.max()) if magnitude.numel() else 0.0
+        nonzero = magnitude[magnitude > 0]
+        if top > 2.0 ** SAFE_EXPONENT or (nonzero.numel() and float(nonzero.min()) < 2.0 ** -SAFE_EXPONENT):
+            return False
+        largest *= max(top, 1.0)
+    return largest <= 2.0 ** SAFE_PRODUCT
+
+
 def screened_topk(alpha, beta, R, Phi, inv_norm, k: int, largest: bool, precision: str) -> Screened:
     """alpha (T, m, C) or None (the general path: m = C, alpha = identity),
     beta (T, m, Dp), R (N, C), Phi (N, Dp), inv_norm (N,) -> Screened."""
     T, m, _ = beta.shape
     N = R.shape[0]
-    if not all(bool(torch.isfinite(x).all()) for x in (beta, R, Phi, inv_norm)) \
-            or (alpha is not None and not bool(torch.isfinite(alpha).all())):
-        raise ValueError("precision='tf32'/'bf16' screens finite operands only; use precision='exact' "
-                         "for operands with NaN or inf")
+    check_finite(alpha, beta, R, Phi, inv_norm)
     screen = Screen(alpha, beta, R, Phi, inv_norm, precision)
     sign = 1.0 if largest else -1.0
     rows = max(1, SCREEN_CELLS // max(T * m, 1))
