@@ -34,7 +34,7 @@ def test_explanation_to_pandas_and_csv(fitted, tmp_path):
     assert torch.equal(e.opponents.indices, bottom.indices)
     frame = e.to_pandas(train.labels, class_names=["a", "b", "c"])
     assert len(frame) == 4 * (3 + 2)
-    row = frame[(frame.test == 2) & (frame.kind == "opponent") & (frame["rank"] == 1)].iloc[0]
+    row = frame[(frame.test == 2) & (frame.kind == "opponent") & (frame["rank"] == 2)].iloc[0]  # ranks from 1
     assert row.train_index == int(bottom.indices[2, 1]) and row.score == pytest.approx(float(bottom.values[2, 1]))
     assert row.train_label == int(train.labels[row.train_index]) and row.method == "theta_relatif"
     assert row.train_label_name == "abc"[row.train_label]

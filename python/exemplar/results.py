@@ -49,7 +49,8 @@ class Explanation:
 
     def to_pandas(self, train_labels: torch.Tensor | None = None, class_names=None):
         """A pandas DataFrame, one row per (test, kind, rank): columns test,
-        kind ("proponent" | "opponent"), rank (0 = strongest), train_index,
+        kind ("proponent" | "opponent"), rank (1 = strongest, as every table
+        exemplar writes counts), train_index,
         score, method, explained_label, prediction, probability, and
         train_label when `train_labels` (N,) is given. class_names (a
         sequence indexed by class) adds readable *_name columns."""
@@ -64,7 +65,7 @@ class Explanation:
             columns = {
                 "test": torch.arange(T).repeat_interleave(k).numpy(),
                 "kind": kind,
-                "rank": torch.arange(k).repeat(T).numpy(),
+                "rank": torch.arange(1, k + 1).repeat(T).numpy(),
                 "train_index": indices.reshape(-1).cpu().numpy(),
                 "score": scores.reshape(-1).cpu().double().numpy(),
                 "method": self.method,
