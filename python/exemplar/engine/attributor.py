@@ -81,7 +81,7 @@ class Attributor:
         if group.distributed:
             group.agree("Attributor settings or layers", {"settings": settings.to_dict(),
                                                           "layer": self._identity.layer})
-        self._fitted = Fitted(settings, self._passes, train_set.columns(self._identity, group.rank == 0), theta)
+        self._fitted = Fitted(settings, self._passes, train_set.columns(self._identity), theta)
         self._fitted.fit(group)
 
     def _setup(self, train_set, settings: Settings, group: ProcessGroup, progress: bool | None) -> None:
@@ -379,7 +379,7 @@ class Attributor:
         self._setup(storage.InMemory(train, train.num_features + settings.bias), settings,
                     ProcessGroup.single(), None)
         self._identity = FitIdentity(settings, self._train, tensors.get("theta"))
-        columns = self._train.columns(self._identity, True)
+        columns = self._train.columns(self._identity)
         self._fitted = Fitted(settings, self._passes, columns, tensors.get("theta"))
         fits = {k: v for k, v in tensors.items()
                 if not k.startswith(("train.", "theta", "cache.")) or

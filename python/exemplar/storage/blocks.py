@@ -88,10 +88,10 @@ class TrainingSet(Protocol):
     def blocks(self) -> Blocks:
         """The rows as blocks."""
 
-    def columns(self, identity, writer: bool) -> Columns:
+    def columns(self, identity) -> Columns:
         """Per-example values and fits of one fit `identity` (an object with
         .tag, a short name, and .meta, a JSON-able dict of what the fits
-        depend on); fitted state is written only by the `writer`."""
+        depend on)."""
 
     def fingerprint(self) -> str:
         """Names the training set's content (features, logits, labels), wherever it is held."""

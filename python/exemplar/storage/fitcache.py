@@ -40,17 +40,18 @@ def _read_safetensors(file: Path, what: str) -> tuple[dict[str, torch.Tensor], d
 class StoreColumns(Columns):
     """An Attributor's fits on a store (storage.Store), under fits/<tag>/ (tag: what they
     depend on): the curvature and whole-set fits in fitted.safetensors
-    (written by rank 0), and per-example values one file per key and shard,
+    (written by every rank: identical content, atomic renames, so shared and
+    node-local stores both get it), and per-example values one file per key and shard,
     so a second Attributor with the same settings reads them instead of
     recomputing. Every file records a SHA-256 of its tensors and is checked
     when read; per-example values also for shape, dtype and finiteness. On a
     read-only store the fits are kept in memory, said once."""
 
-    def __init__(self, store, identity, writer: bool):
+    def __init__(self, store, identity):
         self.folder = store.path / "fits" / identity.tag
         self.where = str(self.folder / "fitted.safetensors")
         self.meta = identity.meta
-        self.writer, self.sizes, self.dtype = writer, store.sizes, store.dtype
+        self.sizes, self.dtype = store.sizes, store.dtype
         self.memory: dict[tuple[str, int], torch.Tensor] | None = None  # the fallback when read-only
         self.memory_fitted = None
 
@@ -121,7 +122,7 @@ class StoreColumns(Columns):
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         if self.memory is not None:
             self.memory_fitted = (tensors, kinds)
-        if not self.writer or self.memory is not None:
+        if self.memory is not None:
             return
         meta = {"kinds": json.dumps(kinds, sort_keys=True), "identity": json.dumps(self.meta, sort_keys=True),
                 "sha256": digest(*(x for k in sorted(tensors) for x in (k, tensors[k])))}

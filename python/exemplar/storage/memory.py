@@ -87,7 +87,7 @@ class InMemory(TrainingSet):
     def blocks(self) -> TensorBlocks:
         return self._blocks
 
-    def columns(self, identity, writer: bool) -> MemoryColumns:
+    def columns(self, identity) -> MemoryColumns:
         return MemoryColumns(self._blocks.sizes)
 
     def fingerprint(self) -> str:

@@ -118,11 +118,11 @@ class Store(TrainingSet):
         """The shards as the Attributor's row blocks, read ahead in the background."""
         return StoreBlocks(self)
 
-    def columns(self, identity, writer: bool) -> "StoreColumns":
+    def columns(self, identity) -> "StoreColumns":
         """Per-example fitted values and fits for `identity` (its .tag names the
         folder fits/<tag>/, its .meta is recorded and checked), beside the shards
-        (the fitted file written only when `writer`, i.e. rank 0)."""
-        return StoreColumns(self, identity, writer)
+        and read from there by the next Attributor with the same identity."""
+        return StoreColumns(self, identity)
 
     def load(self) -> LastLayerData:
         """The whole store in memory (for stores that fit)."""
