@@ -108,6 +108,12 @@ def scenario(rank, name, paths, test, weight, bias):
         return attributor().topk(test, 5, "if" if rank == 0 else "theta_relatif")
     if name == "k":
         return attributor().topk(test, 4 + rank, "if")
+    if name == "test":  # each rank its own test set, merged as if one
+        return attributor().topk(test[rank:], 3, "if")
+    if name == "layer":
+        return exemplar.Attributor(paths[rank], curvature="ekfac", weight=weight * (1 + rank), bias=bias,
+                                   distributed=True, progress=False) if rank == 0 else \
+            exemplar.Attributor(paths[rank], curvature="ekfac", distributed=True, progress=False)
     if name == "copies":  # node-local copies: the first run leaves rank 0's copy with the fit, rank 1's without
         first = tuple(attributor().topk(test, 5, "rps_lje"))
         return first, tuple(attributor().topk(test, 5, "rps_lje"))
@@ -152,6 +158,9 @@ def run_scenario(name, paths, tmp_path, world=2, seconds=120):
     ("damping", r"different Attributor settings or layers: ranks \[0\] have settings=.*'damping': 0\.001"),
     ("method", r"different queries: ranks \[0\] have method='if'; ranks \[1\] have method='theta_relatif'"),
     ("k", r"different queries: ranks \[0\] have k=4; ranks \[1\] have k=5"),
+    ("test", r"different queries: ranks \[0\] have test='[0-9a-f]{16}'; ranks \[1\] have test="),
+    ("layer", r"different Attributor settings or layers: ranks \[0\] have layer='[0-9a-f]{16}'; "
+              r"ranks \[1\] have layer=None"),
 ])
 def test_ranks_asked_different_things_all_fail_with_one_error(tmp_path, name, message):
     store = str(write_store(make_inputs()[0], tmp_path / "store", shard_rows=40).path)
