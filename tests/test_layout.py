@@ -94,3 +94,14 @@ def test_no_import_circle_inside_a_part():
 def test_no_module_is_longer_than_the_limit():
     long = {str(p.relative_to(LIBRARY)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_the_engine_holds_no_isinstance_on_storage_backends():
+    """Backends are picked once (storage.training_set); the engine sees only the protocol."""
+    backends = ("Store", "InMemory", "TensorBlocks", "StoreBlocks", "MemoryColumns", "StoreColumns",
+                "LastLayerData", "PathLike", "str")
+    offenders = [f"{path.name}:{n}" for path in (LIBRARY / "engine").glob("*.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if "isinstance(" in line and any(f"{b}" in line.split("isinstance(", 1)[1] for b in backends)
+                 and "isinstance(key, str)" not in line]
+    assert not offenders, offenders
