@@ -9,12 +9,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from .blocks import Columns
 from .manifest import StoreError
-from .saved import digest, write_atomic
+from .saved import digest, first_difference, read_whole, tensors_digest, write_atomic
 
 # What says a store's folder cannot take the fit cache: the fits are kept in memory instead.
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -25,16 +24,10 @@ def _read_safetensors(file: Path, what: str) -> tuple[dict[str, torch.Tensor], d
     mapped: a file truncated later cannot fault a reader); a StoreError names
     the file when it is not one."""
     try:
-        raw = file.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        tensors = load_bytes(raw)
-    except OSError:
-        raise
-    except Exception as err:  # the format's own errors vary by version
-        raise StoreError(f"{what} {file} is not a readable safetensors file ({err}); delete it to "
+        return read_whole(file)
+    except ValueError as err:
+        raise StoreError(f"{what} {file} is not a readable safetensors file ({err.__cause__}); delete it to "
                          "recompute") from None
-    return tensors, (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
 
 
 class StoreColumns(Columns):
@@ -122,10 +115,9 @@ class StoreColumns(Columns):
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         if self.memory is not None:
             self.memory_fitted = (tensors, kinds)
-        if self.memory is not None:
             return
         meta = {"kinds": json.dumps(kinds, sort_keys=True), "identity": json.dumps(self.meta, sort_keys=True),
-                "sha256": digest(*(x for k in sorted(tensors) for x in (k, tensors[k])))}
+                "sha256": tensors_digest(tensors)}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.folder / "fitted.safetensors", save_bytes(tensors, metadata=meta))
@@ -149,11 +141,10 @@ class StoreColumns(Columns):
             kinds, identity = json.loads(meta["kinds"]), json.loads(meta["identity"])
         except (KeyError, TypeError, ValueError):
             kinds, identity, problem = None, None, "has no readable 'kinds' and 'identity' metadata"
-        if problem is None and meta.get("sha256") != digest(*(x for k in sorted(tensors) for x in (k, tensors[k]))):
+        if problem is None and meta.get("sha256") != tensors_digest(tensors):
             problem = "does not match the checksum recorded when it was written"
         elif problem is None and identity != self.meta:
-            key = next((k for k in sorted(set(identity) | set(self.meta)) if identity.get(k) != self.meta.get(k)),
-                       None) if isinstance(identity, dict) else None
+            key = first_difference(identity, self.meta) if isinstance(identity, dict) else None
             problem = (f"was fitted for {key}={identity.get(key)!r}, not {self.meta.get(key)!r}" if key
                        else f"records identity {identity!r}, not a JSON object")
         elif problem is None and not (isinstance(kinds, dict) and all(isinstance(v, str) for v in kinds.values())):

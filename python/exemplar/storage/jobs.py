@@ -10,11 +10,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..progress import Progress
-from .saved import write_atomic
+from .saved import first_difference, read_whole, write_atomic
 from .store import StoreError
 
 
@@ -37,11 +36,11 @@ class ResultFolder:
             if not isinstance(held, dict):
                 raise StoreError(f"{manifest} must hold a JSON object, got {type(held).__name__}: not a job "
                                  "folder this exemplar wrote; use another out= folder")
-            for key in sorted(set(held) | set(settings)):
-                if held.get(key) != settings.get(key):
-                    raise StoreError(f"{self.path} holds another job: {key} is {held.get(key)!r} there, "
-                                     f"{settings.get(key)!r} here; use another out= folder, or delete this "
-                                     "one to start over (nothing was changed)")
+            key = first_difference(held, settings)
+            if key is not None:
+                raise StoreError(f"{self.path} holds another job: {key} is {held.get(key)!r} there, "
+                                 f"{settings.get(key)!r} here; use another out= folder, or delete this "
+                                 "one to start over (nothing was changed)")
         elif self.path.exists() and any(p for p in self.path.iterdir() if not _own_temporary(p)):
             raise StoreError(f"{self.path} exists and is not a job folder: refusing to write into it")
         else:
@@ -59,11 +58,10 @@ class ResultFolder:
         if not file.exists():
             return None
         try:
-            tensors = load_bytes(file.read_bytes())
-        except OSError:
-            raise
-        except Exception as err:  # the format's own errors vary by version
-            raise StoreError(f"{file} is not a readable result block ({err}); delete it to recompute") from None
+            tensors, _ = read_whole(file)
+        except ValueError as err:
+            raise StoreError(f"{file} is not a readable result block ({err.__cause__}); delete it to "
+                             "recompute") from None
         if set(tensors) != set(expected):
             raise StoreError(f"{file} holds {sorted(tensors)}, expected {sorted(expected)}; delete it to recompute")
         for name, (shape, dtype) in expected.items():

@@ -33,6 +33,33 @@ def digest(*parts) -> str:
     return h.hexdigest()
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """digest of a dict of tensors, by sorted key: the checksum fit files record."""
+    return digest(*(x for key in sorted(tensors) for x in (key, tensors[key])))
+
+
+def first_difference(held: dict, here: dict):
+    """The first key (sorted) whose value differs between two recorded dicts, or None."""
+    return next((key for key in sorted(set(held) | set(here)) if held.get(key) != here.get(key)), None)
+
+
+def read_whole(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file read whole into memory (never
+    mapped: a file truncated later cannot fault a reader); a ValueError says
+    when it is not one (OSError as it comes)."""
+    import safetensors.torch
+
+    try:
+        data = Path(path).read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        tensors = safetensors.torch.load(data)
+    except OSError:
+        raise
+    except Exception as err:  # the format's own errors vary by version
+        raise ValueError(f"{path} is not a safetensors file ({err})") from err
+    return tensors, (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+
+
 def write_atomic(path, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file beside it and a rename,
     so `path` holds either its old content or all of the new; a failed write
@@ -63,18 +90,8 @@ def write(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def read(path, fmt: str, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a file `write` made with meta["format"] == fmt and
     the given keys; any other file is refused with an error naming what is wrong."""
-    import safetensors.torch
-
-    try:
-        data = Path(path).read_bytes()
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        tensors = safetensors.torch.load(data)
-    except OSError:
-        raise
-    except Exception as err:  # the format's own errors vary by version
-        raise ValueError(f"{path} is not a safetensors file ({err})") from err
-    raw = (header.get("__metadata__") or {}).get("exemplar") if isinstance(header, dict) else None
+    tensors, metadata = read_whole(path)
+    raw = metadata.get("exemplar")
     if raw is None:
         raise ValueError(f"{path} is not a file of format {fmt!r} (no 'exemplar' metadata)")
     try:

@@ -45,7 +45,7 @@ from .manifest import (
     manifest_bytes,
     read_manifest,
 )
-from .saved import digest, write_atomic
+from .saved import digest, first_difference, write_atomic
 
 
 class Store(TrainingSet):
@@ -193,17 +193,19 @@ class StoreWriter:
                  "shard_rows": shard_rows, "source": source or {}, "shards": [], "complete": False}
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
-        if (self.path / MANIFEST).exists():
+        resuming = (self.path / MANIFEST).exists()
+        if resuming:
             self.manifest = read_manifest(self.path)
             differs = _first_difference(self.manifest, fresh)
-            if differs is not None and overwrite:
-                _remove_store(self.path)
-            elif differs is not None:
+            if differs is not None and not overwrite:
                 key, held, here = differs
                 raise StoreError(f"store {self.path} holds other data: {key} is {held!r} there, {here!r} here; "
                                  "write to another path, or pass overwrite=True to replace it (nothing was "
                                  "changed)")
-        if (self.path / MANIFEST).exists():
+            if differs is not None:
+                _remove_store(self.path)
+                resuming = False
+        if resuming:
             for shard in self.manifest["shards"]:
                 check_shard(self.path, self.manifest, shard)
             for stale in self.path.glob("*.tmp"):  # what a killed writer was writing
@@ -274,10 +276,8 @@ def _first_difference(held: dict, fresh: dict):
     for key in ("D", "C", "dtype", "shard_rows"):
         if held.get(key) != fresh[key]:
             return key, held.get(key), fresh[key]
-    for key in sorted(set(held["source"]) | set(fresh["source"])):
-        if held["source"].get(key) != fresh["source"].get(key):
-            return f"source.{key}", held["source"].get(key), fresh["source"].get(key)
-    return None
+    key = first_difference(held["source"], fresh["source"])
+    return None if key is None else (f"source.{key}", held["source"].get(key), fresh["source"].get(key))
 
 
 def _remove_store(path: Path) -> None:
