@@ -31,23 +31,23 @@ def _part(path: pathlib.Path) -> str:
 
 def _imports(path: pathlib.Path) -> set[str]:
     """Modules of the package that `path` imports, as dotted paths below exemplar."""
-    here = path.relative_to(LIBRARY).with_suffix("").parts
-    package = here[:-1] if here[-1] != "__init__" else here[:-1]
+    package = path.relative_to(LIBRARY).with_suffix("").parts[:-1]  # the importing module's package
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - node.level + 1]
-            elif node.module and node.module.split(".")[0] == "exemplar":
-                base, node_module = (), node.module.split(".", 1)[1] if "." in node.module else ""
-                out.add(node_module or node.names[0].name)
-                continue
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("exemplar."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # from .x import y / from .. import y
+                base, below = package[:len(package) - node.level + 1], (node.module or "").split(".")
+            elif (node.module or "").split(".")[0] == "exemplar":  # from exemplar.x import y
+                base, below = (), node.module.split(".")[1:]
             else:
                 continue
-            target = ".".join(base + tuple((node.module or "").split("."))).strip(".")
-            out.update(f"{target}.{a.name}".strip(".") if not node.module else target for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("exemplar."))
+            parts = base + tuple(filter(None, below))
+            if parts == base:  # from . import y: each y is a module (or a name) of the package itself
+                out.update(".".join(parts + (a.name,)) for a in node.names)
+            else:
+                out.add(".".join(parts))
     return out
 
 

@@ -381,13 +381,14 @@ class Attributor:
         self._identity = FitIdentity(settings, self._train, tensors.get("theta"))
         columns = self._train.columns(self._identity)
         self._fitted = Fitted(settings, self._passes, columns, tensors.get("theta"))
-        fits = {k: v for k, v in tensors.items()
-                if not k.startswith(("train.", "theta", "cache.")) or
-                (k.startswith("cache.") and not state.is_per_example(k[len("cache."):]))}
-        self._fitted.restore(fits, kinds)
+        fits = {}  # curvatures and whole-set fits; per-example columns go to the Columns
         for key, value in tensors.items():
-            if key.startswith("cache.") and state.is_per_example(key[len("cache."):]):
-                columns.put_whole(key[len("cache."):], value)
+            name = key.removeprefix("cache.")
+            if name != key and state.is_per_example(name):
+                columns.put_whole(name, value)
+            elif not key.startswith("train.") and key != "theta":
+                fits[key] = value
+        self._fitted.restore(fits, kinds)
         self._fitted.save()
         return self
 
