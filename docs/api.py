@@ -72,7 +72,8 @@ def markdown(text: str) -> str:
             out += ["", f"**{section}**", ""]
             continue
         if section is None or not line.startswith("    "):
-            section = None if line and not line.startswith(" ") else section
+            if line and not line.startswith(" "):
+                section = None  # unindented prose after a section ends it; a blank line does not
             out.append(line)
             continue
         body = line[4:]
