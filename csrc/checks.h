@@ -103,15 +103,16 @@ inline void check_k(const char* op, int64_t k, int64_t N) {
 // The full argument checks of exemplar::topk and exemplar::topk_rank1, run
 // first by every device's implementation.
 inline void check_topk(const at::Tensor& S, const at::Tensor& R, const at::Tensor& Phi,
-                       const at::Tensor& inv_norm, int64_t k) {
-  check_general("exemplar::topk", S, R, Phi, inv_norm);
-  check_k("exemplar::topk", k, R.size(0));
+                       const at::Tensor& inv_norm, int64_t k, const char* op = "exemplar::topk") {
+  check_general(op, S, R, Phi, inv_norm);
+  check_k(op, k, R.size(0));
 }
 
 inline void check_topk_rank1(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R,
-                             const at::Tensor& Phi, const at::Tensor& inv_norm, int64_t k) {
-  check_rank1("exemplar::topk_rank1", alpha, beta, R, Phi, inv_norm);
-  check_k("exemplar::topk_rank1", k, R.size(0));
+                             const at::Tensor& Phi, const at::Tensor& inv_norm, int64_t k,
+                             const char* op = "exemplar::topk_rank1") {
+  check_rank1(op, alpha, beta, R, Phi, inv_norm);
+  check_k(op, k, R.size(0));
 }
 
 // logits (N, C), labels (N,) int64.

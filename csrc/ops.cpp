@@ -23,4 +23,8 @@ TORCH_LIBRARY(exemplar, m) {
   m.def("streamed_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
   m.def("fused_topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
   m.def("fused_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor)");
+  // topk with the bf16 screen (csrc/screen.h): the same answer, and how many
+  // training rows each test row rescored exactly.
+  m.def("screened_topk(Tensor s, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor, Tensor)");
+  m.def("screened_topk_rank1(Tensor alpha, Tensor beta, Tensor r, Tensor phi, Tensor inv_norm, int k, bool largest) -> (Tensor, Tensor, Tensor)");
 }

@@ -32,7 +32,6 @@ struct RankOrder {
 
 }  // namespace exemplar
 
-#if !defined(__CUDACC__)
 #include <ATen/ATen.h>
 
 #include <limits>
@@ -56,4 +55,4 @@ inline at::Tensor rank_order_first(const at::Tensor& v, int64_t k, bool largest)
 }
 
 }  // namespace exemplar
-#endif
+

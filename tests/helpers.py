@@ -130,6 +130,10 @@ def opcheck_cases(device="cpu"):
         (ex.streamed_topk_rank1, (a, b, R, Phi, inv, 19, False)),
         (ex.scores_rank1, (a3, b3, R, Phi, inv)),
         (ex.topk_rank1, (a3, b3, R, Phi, inv, 4, True)),
+        (ex.screened_topk, (S, R, Phi, inv, 3, True)),
+        (ex.screened_topk, (S.float(), R.float(), Phi.float(), inv.float(), 19, False)),
+        (ex.screened_topk_rank1, (a, b, R, Phi, inv, 2, True)),
+        (ex.screened_topk_rank1, (a3, b3, R, Phi, inv, 4, False)),
     ]
 
 

@@ -13,7 +13,7 @@ import torch
 from .. import methods, storage
 from ..data import LastLayerData, as_last_layer_data, check_magnitude, largest_sq_norm
 from ..methods import Method
-from ..ops import Query, TrainOperands, check_k, merge_topk, screen
+from ..ops import Query, TrainOperands, check_k, check_precision, merge_topk
 from ..results import Explanation, TopK
 from ..storage import saved
 from ..storage.jobs import ResultFolder, resumable
@@ -228,7 +228,7 @@ class Attributor:
 
     def topk(self, test, k: int, method: str = "theta_relatif", largest: bool = True,
              out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024,
-             precision: str = "exact") -> TopK:
+             precision: str = "auto") -> TopK:
         """The k most helpful training examples per test example (or with
         largest=False the k most harmful, the opponents), never building the
         (T, N) matrix.
@@ -244,9 +244,10 @@ class Attributor:
                 training blocks, "test" its own share of the tests against
                 the whole training set.
             test_rows: tests per block of a job (out=).
-            precision: "exact", or "tf32" / "bf16" to screen score tiles in
-                that format and rescore only what a rigorous bound cannot
-                rule out (same indices, exact scores; exemplar.ops.topk).
+            precision: "auto" (default), "exact", or "bf16" to screen score
+                tiles in bfloat16 and rescore only what a rigorous bound
+                cannot rule out (same indices, exact scores); "auto" screens
+                where that was measured faster (exemplar.ops.precision).
 
         Returns:
             TopK(values, indices), each (T, k), best first.
@@ -257,7 +258,7 @@ class Attributor:
             raise TypeError(f"largest must be True or False, got {largest!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        screen.check_precision(precision)
+        check_precision(precision)
         m, test = methods.get(method), self.check_test(test)  # both checked before any work
         if out is not None and (isinstance(test_rows, bool) or not isinstance(test_rows, int) or test_rows < 1):
             raise ValueError(f"test_rows must be an integer >= 1, got {test_rows!r}")
@@ -299,7 +300,7 @@ class Attributor:
         return Explanation.of(test, TopK(*self._topk(test, k, m, True)), method, against)
 
     def _topk(self, test: LastLayerData, k: int, m: Method, largest: bool, split: str = "train",
-              precision: str = "exact", label: str | None = None):
+              precision: str = "auto", label: str | None = None):
         """Top-k of a checked test set by a resolved method, merged across ranks."""
         group, passes = self._group, self._passes
         spread = split == "test" and group.world > 1  # each rank its share of the tests

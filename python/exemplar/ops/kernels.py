@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the op registrations)
-from . import screen
+from . import precision as precisions
 from .order import check_k, k_message
 
 _ops = torch.ops.exemplar
@@ -105,26 +105,24 @@ def _topk_op(k, largest, r, kernel: str, rank1: bool):
     return getattr(_ops, TOPK_KERNELS[kernel][rank1])
 
 
-def _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision):
-    """precision="tf32"/"bf16": screen.screened_topk after the op's own checks
-    (run on no test rows, so every message is the op's)."""
-    screen.check_precision(precision)
+def _run_topk(kernel, rank1, test_side, r, phi, inv_norm, k, largest, precision):
+    """The top-k op for kernel= and precision= (ops.precision.resolve)."""
+    op = _topk_op(k, largest, r, kernel, rank1)
+    precisions.check_precision(precision)
     if kernel != "default":
-        raise ValueError(f"precision={precision!r} screens on the streamed path; kernel must be 'default', "
-                         f"got {kernel!r}")
-    test_side = (beta,) if alpha is None else (alpha, beta)
-    op(*(x[:0] for x in test_side), r, phi, inv_norm, k, largest)
-    screen.check_finite(alpha, beta, r, phi, inv_norm)
-    if not screen.bound_applies(alpha, beta, r, phi, inv_norm):  # beyond the reduced formats' range
+        if precision == "bf16":
+            raise ValueError(f"precision='bf16' screens on its own op; kernel must be 'default', got {kernel!r}")
         return op(*test_side, r, phi, inv_norm, k, largest)
-    if alpha is not None and alpha.dim() == 2:  # rank 1: one term
-        alpha, beta = alpha.unsqueeze(1), beta.unsqueeze(1)
-    values, indices, _ = screen.screened_topk(alpha, beta, r, phi, inv_norm, k, largest, precision)
+    tests, train = (len(x) if x.dim() else 0 for x in (test_side[0], r))
+    if precisions.resolve(precision, not rank1, tests, train, k, r.device) == "exact":
+        return op(*test_side, r, phi, inv_norm, k, largest)
+    screened = _ops.screened_topk_rank1 if rank1 else _ops.screened_topk
+    values, indices, _ = screened(*test_side, r, phi, inv_norm, k, largest)
     return values, indices
 
 
 def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
-         precision: str = "exact"):
+         precision: str = "auto"):
     """Top-k of scores(s, r, phi, inv_norm) per row without the (T, N) matrix.
 
     Arguments:
@@ -132,25 +130,22 @@ def topk(s, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "defau
         k: an integer in [1, N].
         largest: True ranks larger scores first.
         kernel: see TOPK_KERNELS ("default", "streamed", "fused" on CUDA).
-        precision: "exact" (default), or "tf32" / "bf16": screen every score
-            tile in that format (tensor cores on a GPU), rescore the examples
-            a rigorous error bound cannot rule out, and return the same
-            indices as "exact" (up to rounding-level ties) with their exact
-            scores (exemplar.ops.screen; finite operands only).
+        precision: "auto" (default), "exact" or "bf16": "bf16" screens every
+            score tile in bfloat16 with a rigorous error bound and rescores
+            exactly what the bound cannot rule out (the same indices as
+            "exact" up to rounding-level ties, exact scores); "auto" takes it
+            where it was measured faster (exemplar.ops.precision).
 
     Returns:
         (values (T, k), indices (T, k) int64), best first. Order: the larger
         score first (smaller with largest=False), NaN after every number,
         ties by ascending training index; so topk(k) is a prefix of topk(k + 1)
         and, for k <= N, every index is a real training row."""
-    op = _topk_op(k, largest, r, kernel, rank1=False)
-    if precision != "exact":
-        return _screened(op, None, s, r, phi, inv_norm, k, largest, kernel, precision)
-    return op(s, r, phi, inv_norm, k, largest)
+    return _run_topk(kernel, False, (s,), r, phi, inv_norm, k, largest, precision)
 
 
 def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kernel: str = "default",
-               precision: str = "exact"):
+               precision: str = "auto"):
     """Top-k of scores_rank1(...) per row without the (T, N) matrix.
 
     Arguments:
@@ -159,10 +154,31 @@ def topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True, kern
 
     Returns:
         (values (T, k), indices (T, k) int64), in topk's order."""
-    op = _topk_op(k, largest, r, kernel, rank1=True)
-    if precision != "exact":
-        return _screened(op, alpha, beta, r, phi, inv_norm, k, largest, kernel, precision)
-    return op(alpha, beta, r, phi, inv_norm, k, largest)
+    return _run_topk(kernel, True, (alpha, beta), r, phi, inv_norm, k, largest, precision)
+
+
+def screened_topk(s, r, phi, inv_norm, k: int, largest: bool = True):
+    """topk(..., precision="bf16") with the survivor counts.
+
+    Arguments:
+        s, r, phi, inv_norm, k, largest: as for topk().
+
+    Returns:
+        (values (T, k), indices (T, k) int64, survivors (T,) int64): the
+        training rows each test row rescored exactly (N where the op took the
+        exact path because the bound does not hold for these operands)."""
+    return _ops.screened_topk(s, r, phi, inv_norm, k, largest)
+
+
+def screened_topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = True):
+    """topk_rank1(..., precision="bf16") with the survivor counts.
+
+    Arguments:
+        alpha, beta, r, phi, inv_norm, k, largest: as for topk_rank1().
+
+    Returns:
+        (values, indices, survivors) as for screened_topk()."""
+    return _ops.screened_topk_rank1(alpha, beta, r, phi, inv_norm, k, largest)
 
 
 # ------------------------------------------------------------------ fake kernels
@@ -230,3 +246,14 @@ for _general, _rank1 in TOPK_KERNELS.values():
         lambda s, r, phi, inv_norm, k, largest: _fake_topk(s.shape[0], r, k))
     torch.library.register_fake(f"exemplar::{_rank1}")(
         lambda alpha, beta, r, phi, inv_norm, k, largest: _fake_topk(alpha.shape[0], r, k))
+
+
+def _fake_screened(rows, r, k):
+    values, indices = _fake_topk(rows, r, k)
+    return values, indices, r.new_empty(rows, dtype=torch.int64)
+
+
+torch.library.register_fake("exemplar::screened_topk")(
+    lambda s, r, phi, inv_norm, k, largest: _fake_screened(s.shape[0], r, k))
+torch.library.register_fake("exemplar::screened_topk_rank1")(
+    lambda alpha, beta, r, phi, inv_norm, k, largest: _fake_screened(alpha.shape[0], r, k))

@@ -71,7 +71,7 @@ class Query:
             return self._shifted(kernels.scores_rank1(g.alpha, g.beta, train.r, train.phi, train.inv_norm))
         return self._shifted(kernels.scores(g.S, train.r, train.phi, train.inv_norm))
 
-    def topk(self, train: TrainOperands, k: int, largest: bool = True, precision: str = "exact"):
+    def topk(self, train: TrainOperands, k: int, largest: bool = True, precision: str = "auto"):
         """(values (T, k), indices (T, k)): ops.topk / ops.topk_rank1 plus the offset,
         which is the same for every training example so it never changes the order."""
         g = self.gradient

@@ -1,8 +1,8 @@
 """The one top-k order in Python, the same as the kernels' RankOrder
 (csrc/order.h): the better score first (larger, or smaller with
 largest=False), NaN after every number, equal scores by ascending training
-index. Merging per-block results (the engine) and the screen's final
-selection (screen.py) both go through merge_topk; k's one check is here."""
+index. Merging per-block results (the engine, the ranks) goes through
+merge_topk; k's one check is here."""
 from __future__ import annotations
 
 import torch
