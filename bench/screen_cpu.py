@@ -32,18 +32,24 @@ def clustered(n, D, C, centers, g):
     return features, labels
 
 
+def prepared(train, test, kfac_damping):
+    """θ-RelatIF K-FAC operands of LastLayerData train and test through the public
+    API (curvature and normalisers fitted here, not timed): (left, (r, phi, inv_norm))."""
+    attr = exemplar.Attributor(train, curvature="kfac", damping=1e-3, kfac_damping=kfac_damping)
+    operands = attr.prepare("theta_relatif")
+    gradient = attr.query(test, "theta_relatif").gradient
+    left = (gradient.alpha, gradient.beta) if isinstance(gradient, exemplar.Rank1) else (gradient.S,)
+    return left, (operands.r, operands.phi, operands.inv_norm)
+
+
 def operands(N, T, D, C, kfac_damping, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(C, D, generator=g)
     weight = torch.randn(C, D, generator=g) / D ** 0.5
     f, y = clustered(N, D, C, centers, g)
     ft, _ = clustered(T, D, C, centers, g)
-    attr = exemplar.Attributor(exemplar.LastLayerData(f, f @ weight.T, y), curvature="kfac", damping=1e-3,
-                               kfac_damping=kfac_damping)
-    train = attr.prepare("theta_relatif")
-    gradient = attr.query(exemplar.LastLayerData(ft, ft @ weight.T), "theta_relatif").gradient
-    left = (gradient.alpha, gradient.beta) if isinstance(gradient, exemplar.Rank1) else (gradient.S,)
-    return left, (train.r, train.phi, train.inv_norm)
+    return prepared(exemplar.LastLayerData(f, f @ weight.T, y), exemplar.LastLayerData(ft, ft @ weight.T),
+                    kfac_damping)
 
 
 def best_of(fn, rounds):
@@ -70,9 +76,9 @@ def gemm_rates(rounds=3, n=2048, depth=512):
     return rates
 
 
-def measure(path, kfac_damping, N, T, D, C, k, rounds) -> dict:
-    """One path: exact and the bf16 screen alternating (best of `rounds`), then auto and the chunked baseline."""
-    left, train = operands(N, T, D, C, kfac_damping)
+def measure(path, left, train, k, rounds) -> dict:
+    """One path's operands: exact and the bf16 screen alternating (best of
+    `rounds`), then auto and the chunked baseline, one run each."""
     general = path == "general"
     op = ops.topk if general else ops.topk_rank1
     screened = ops.screened_topk if general else ops.screened_topk_rank1
@@ -85,7 +91,9 @@ def measure(path, kfac_damping, N, T, D, C, k, rounds) -> dict:
     values, indices, survivors = screened(*left, *train, k, True)
     auto_s, _ = best_of(lambda: op(*left, *train, k, True, precision="auto"), 1)
     base_s, (_, base_indices) = best_of(lambda: chunked(*left, *train, k=k), 1)
-    result = {"path": path, "exact_s": min(exact_s), "bf16_s": min(screen_s), "auto_s": auto_s,
+    picks = ops.precision.resolve("auto", general, len(left[0]), len(train[0]), k, train[0].device)
+    result = {"path": path, "N": len(train[0]), "T": len(left[0]), "auto": picks, "exact_s": min(exact_s),
+              "bf16_s": min(screen_s), "auto_s": auto_s,
               "chunked_s": base_s, "same_indices": float((indices == exact[1]).double().mean()),
               "chunked_same_indices": float((base_indices == exact[1]).double().mean()),
               "survivors_per_row": float(survivors.double().mean()), "survivors_max": int(survivors.max()),
@@ -102,16 +110,21 @@ def main() -> None:
     N, T, D, C, k = (20_000, 200, 512, 10, 10) if args.quick else (100_000, 1_000, 512, 10, 10)
     print(json.dumps({"N": N, "T": T, "D": D, "C": C, "k": k, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "gemm_rates": gemm_rates()}), flush=True)
-    rows = [measure(path, kfac_damping, N, T, D, C, k, args.rounds)
+    rows = [measure(path, *operands(N, T, D, C, kfac_damping), k, args.rounds)
             for path, kfac_damping in (("general", "eigenbasis"), ("rank1", "factored"))]
-    pairs = N * T
-    print("\n| path | exact s (pairs/s) | bf16 screen s (pairs/s, x exact) | auto s | chunked float32 s "
-          "| survivors per row (max) | same indices |")
-    print("|---|---|---|---|---|---|---|")
+    print_table(rows)
+
+
+def print_table(rows) -> None:
+    print("\n| workload | path | exact s (pairs/s) | bf16 screen s (pairs/s, x exact) | auto s (picks) "
+          "| chunked float32 s | survivors per row (max) | same indices |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['exact_s']:.2f} ({pairs / r['exact_s']:.3g}) | {r['bf16_s']:.2f} "
-              f"({pairs / r['bf16_s']:.3g}, {r['exact_over_bf16']:.2f}x) | {r['auto_s']:.2f} | {r['chunked_s']:.2f} "
-              f"| {r['survivors_per_row']:.0f} ({r['survivors_max']}) of {N:,} | {r['same_indices']:.4f} |")
+        pairs = r["N"] * r["T"]
+        print(f"| {r.get('workload', 'W-CPU')} | {r['path']} | {r['exact_s']:.2f} ({pairs / r['exact_s']:.3g}) "
+              f"| {r['bf16_s']:.2f} ({pairs / r['bf16_s']:.3g}, {r['exact_over_bf16']:.2f}x) "
+              f"| {r['auto_s']:.2f} ({r['auto']}) | {r['chunked_s']:.2f} "
+              f"| {r['survivors_per_row']:.0f} ({r['survivors_max']}) of {r['N']:,} | {r['same_indices']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -35,19 +36,21 @@ namespace exemplar {
 // the training row's scale.
 
 // The error of one bf16 dot product of depth K whose operands' entries are at
-// most 1 in magnitude: |computed - exact| <= eps(K) * sum_k |x_k||y_k| + floor(K).
+// most 1 in magnitude, as the GEMM returns it (rounded to bf16):
+//   |computed - exact| <= eps(K) * sum_k |x_k||y_k| + out * |computed| + floor(K).
 // Inputs reach bf16 from float64 or float32 through at most two float32
 // roundings (u_in); products of bf16 are exact in float32; the float32
-// accumulation may truncate (2 * 2^-24 per add, gamma_K); the GEMM's result is
-// rounded once more to bf16. Underflow (flush to zero anywhere) costs at most
-// 2^-126 per input, product and partial sum: the floor.
+// accumulation may truncate (2 * 2^-24 per add, gamma_K); the result's
+// rounding to bf16 (unit roundoff 2^-8) is relative to the result itself, so
+// it costs 2^-8 / (1 - 2^-8) of |computed|, usually far less than of the
+// sum of |x||y|. Underflow (flush to zero anywhere) costs at most 2^-126 per
+// input, product, partial sum and the result: the floor.
 struct DotError {
-  double eps, floor;
+  double eps, out, floor;
   static DotError of_depth(int64_t K) {
     const double u_in = 0x1p-8 + 0x1p-21, u_acc = 0x1p-23, u_out = 0x1p-8;
     const double gamma = K * u_acc / (1 - K * u_acc);
-    const double inner = (2 * u_in + u_in * u_in) + gamma * (1 + u_in) * (1 + u_in);
-    return {inner + u_out * (1 + inner), (4.0 * K + 8) * 0x1p-126};
+    return {(2 * u_in + u_in * u_in) + gamma * (1 + u_in) * (1 + u_in), u_out / (1 - u_out), (4.0 * K + 9) * 0x1p-126};
   }
 };
 
@@ -56,13 +59,14 @@ struct DotError {
 // norms the bound is built from: relative to the bound's magnitude scale.
 constexpr double kSlack = 0x1p-17;
 
-// General path: s = sc * scale, b = (eps * w + floor) * scale with
-// w >= sum_cd |S'_tcd| |g'_icd| from the norm GEMM.
+// General path: s = sc * scale, b = (eps * w + out * |sc| + floor) * scale
+// with w >= sum_cd |S'_tcd| |g'_icd| from the norm GEMM.
 struct GeneralPair {
-  double eps, floor;  // eps includes the norm GEMM's own rounding of w
+  double eps, out, floor;  // eps includes the norm GEMM's own rounding of w
   EXEMPLAR_HOST_DEVICE void operator()(float sc, float w, double scale, double& s, double& b) const {
-    s = static_cast<double>(sc) * scale;
-    b = (eps * static_cast<double>(w) + floor) * scale;
+    s = static_cast<double>(sc);
+    b = (eps * static_cast<double>(w) + out * (s < 0 ? -s : s) + floor) * scale;
+    s *= scale;
   }
 };
 
@@ -78,9 +82,9 @@ struct LowRankPair {
     double sum = 0, err = 0, size = 0;
   };
   EXEMPLAR_HOST_DEVICE void term(float a, float c, float an, float bn, float rn, float pn, Partial& p) const {
-    const double ea = left.eps * an * rn + left.floor;
-    const double ec = right.eps * bn * pn + right.floor;
     const double aa = a < 0 ? -a : a, cc = c < 0 ? -c : c;
+    const double ea = left.eps * an * rn + left.out * aa + left.floor;
+    const double ec = right.eps * bn * pn + right.out * cc + right.floor;
     p.sum += static_cast<double>(a) * c;
     p.err += ea * cc + (aa + ea) * ec;
     p.size += (aa + ea) * (cc + ec);
@@ -147,6 +151,31 @@ inline at::Tensor scaled_rows(const at::Tensor& x, const at::Tensor& mantissa, c
   return at::mul_out(out, first, at::ldexp(mantissa, shift - half).view(shape));
 }
 
+// The bf16 gradient tile, K-major: out (C*Dp, n) with out[c*Dp + d][i] =
+// r[c][i] * p[d][i] for rT (C, n), pT (Dp, n), float32 products rounded once
+// (the GEMMs run faster with the training rows as the inner dimension). On
+// the CPU one fused pass (2 bytes written a value, where float32 products
+// and a rounding pass move 10; that was 0.5 s of the general path at W-CPU);
+// elsewhere the two ATen passes.
+inline void outer_bf16(const at::Tensor& rT, const at::Tensor& pT, at::Tensor& out) {
+  const int64_t C = rT.size(0), Dp = pT.size(0), n = rT.size(1);
+  if (!out.is_cpu()) {
+    out.view({C, Dp, n}).copy_(rT.unsqueeze(1) * pT.unsqueeze(0));
+    return;
+  }
+  const float* r = rT.const_data_ptr<float>();
+  const float* p = pT.const_data_ptr<float>();
+  auto* o = static_cast<c10::BFloat16*>(out.data_ptr());
+  at::parallel_for(0, C * Dp, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* rc = r + (row / Dp) * n;
+      const float* pd = p + (row % Dp) * n;
+      c10::BFloat16* out_row = o + row * n;
+      for (int64_t i = 0; i < n; ++i) out_row[i] = c10::BFloat16(rc[i] * pd[i]);
+    }
+  });
+}
+
 // The screen's operands, scaled and rounded. The general path: S (T, C, Dp)
 // against the per-example gradient tile g'_i = R'_i (x) Phi'_i (one GEMM with
 // K = C * Dp); the low-rank path: alpha (T, m, C), beta (T, m, Dp).
@@ -172,15 +201,18 @@ class Bf16Screen {
     p_shift_ = -p_exp;
     p_mantissa_ = at::ldexp(inv_norm.to(at::kDouble), -i_exp);
     scale_all_ = at::ldexp(at::ones_like(total), total - top);
+    train_exp_ = total;
     train_single_ = one_multiply(R, r_shift_) && one_multiply(Phi, p_shift_);
-    const DotError rescore = {rescore_roundoff(R.scalar_type(), C_ * Dp_ + 2), 0};  // general path
+    const double rescore = rescore_roundoff(R.scalar_type(), C_ * Dp_ + 2);  // general path
     if (general_) {
       auto S = scaled_rows(beta, at::ones_like(b_exp), -b_exp, at::kDouble, one_multiply(beta, b_exp));
       test_right_ = S.reshape({T_, C_ * Dp_}).to(at::kBFloat16);
+      test_scaled_ = {at::Tensor(), S.to(R.scalar_type())};
+      test_exp_ = b_exp;
       test_norms_ = padded_norms(S, 2);  // (T, C)
       const auto dot = DotError::of_depth(C_ * Dp_);
       // w comes from a float32 GEMM of depth C over float32 norms
-      general_pair_ = {(dot.eps + rescore.eps) * (1 + (C_ + 4) * 0x1p-23 + kSlack), dot.floor};
+      general_pair_ = {(dot.eps + rescore) * (1 + (C_ + 4) * 0x1p-23 + kSlack), dot.out, dot.floor};
     } else {
       auto A = scaled_rows(alpha, at::ones_like(a_exp), -a_exp, at::kDouble, one_multiply(alpha, a_exp))
                    .reshape({T_ * m_, C_});
@@ -188,6 +220,8 @@ class Bf16Screen {
                    .reshape({T_ * m_, Dp_});
       test_left_ = A.to(at::kBFloat16);
       test_right_ = B.to(at::kBFloat16);
+      test_scaled_ = {A.to(R.scalar_type()).view({T_, m_, C_}), B.to(R.scalar_type()).view({T_, m_, Dp_})};
+      test_exp_ = a_exp + b_exp;
       test_norms_ = padded_norms(A, 1);  // (T m,)
       test_right_norms_ = padded_norms(B, 1);
       low_rank_pair_ = {DotError::of_depth(C_), DotError::of_depth(Dp_), rescore_roundoff(R.scalar_type(),
@@ -208,10 +242,12 @@ class Bf16Screen {
   int64_t tests() const { return T_; }
   int64_t terms() const { return m_; }
   // Training rows per tile: the gradient tile is C * Dp wide on the general
-  // path; twice the float32 budget of rows_per_tile in bf16, because the
+  // path; four times the float32 budget of rows_per_tile in bf16, because the
   // reduced-precision GEMMs need wide tiles to reach their rate (oneDNN's AMX
   // bf16 GEMM at K = 5130: 263 GFLOP/s on 817 rows, 680 on 4096).
-  int64_t tile_rows() const { return std::clamp<int64_t>((int64_t(1) << 24) / (general_ ? C_ * Dp_ : C_ + Dp_), 256, kMaxTileRows); }
+  int64_t tile_rows() const {
+    return std::clamp<int64_t>((int64_t(1) << 25) / (general_ ? C_ * Dp_ : C_ + Dp_), 256, kMaxTileRows);
+  }
   const GeneralPair& general_pair() const { return general_pair_; }
   const LowRankPair& low_rank_pair() const { return low_rank_pair_; }
   const at::Tensor& test_norms() const { return test_norms_; }
@@ -227,20 +263,13 @@ class Bf16Screen {
     scale_ = scale_all_.narrow(0, n0, nt);
     train_right_norms_ = padded_norms(p, 1);
     if (general_) {
-      // float32 products, then one rounding pass (faster than a broadcast into
-      // bf16), in buffers kept across tiles (no page faults per tile)
-      if (!grad_f32_.defined()) {
-        grad_f32_ = at::empty({nt, C_, Dp_}, R_.options().dtype(at::kFloat));
-        grad_bf16_ = at::empty({nt, C_ * Dp_}, R_.options().dtype(at::kBFloat16));
-      }
-      auto products = grad_f32_.narrow(0, 0, nt);
-      at::mul_out(products, r.unsqueeze(2), p.unsqueeze(1));
-      train_right_ = grad_bf16_.narrow(0, 0, nt);
-      train_right_.copy_(products.view({nt, C_ * Dp_}));
+      if (!grad_.defined()) grad_ = at::empty({C_ * Dp_ * nt}, R_.options().dtype(at::kBFloat16));
+      train_right_ = grad_.narrow(0, 0, C_ * Dp_ * nt).view({C_ * Dp_, nt});
+      outer_bf16(r.t().contiguous(), p.t().contiguous(), train_right_);
       norm_cols_ = (r.abs() * train_right_norms_.unsqueeze(1)).t().contiguous();  // (C, nt)
     } else {
-      train_left_ = r.to(at::kBFloat16);
-      train_right_ = p.to(at::kBFloat16);
+      train_left_ = r.t().to(at::kBFloat16).contiguous();   // (C, nt)
+      train_right_ = p.t().to(at::kBFloat16).contiguous();  // (Dp, nt)
       train_norms_ = padded_norms(r, 1);
     }
   }
@@ -272,40 +301,54 @@ class Bf16Screen {
   std::pair<at::Tensor, at::Tensor> tile(int64_t t0, int64_t tb) const {
     const FullPrecisionReductions reductions(R_.is_cuda());
     if (general_) {
-      auto screened = at::mm(test_right_.narrow(0, t0, tb), train_right_.t());
+      auto screened = at::mm(test_right_.narrow(0, t0, tb), train_right_);
       auto w = at::mm(test_norms_.narrow(0, t0, tb), norm_cols_);
       return {screened, w};
     }
-    return {at::mm(test_left_.narrow(0, t0 * m_, tb * m_), train_left_.t()),
-            at::mm(test_right_.narrow(0, t0 * m_, tb * m_), train_right_.t())};
+    return {at::mm(test_left_.narrow(0, t0 * m_, tb * m_), train_left_),
+            at::mm(test_right_.narrow(0, t0 * m_, tb * m_), train_right_)};
   }
 
-  // Exact scores of the candidates cand (T, w) (padding -1 gets NaN), computed
-  // from the original operands in their dtype like the exact path, and the
-  // top-k of them in RankOrder.
-  std::tuple<at::Tensor, at::Tensor> rescore_topk(const at::Tensor& alpha, const at::Tensor& beta,
-                                                  at::Tensor cand, int64_t k, bool largest) const {
+  // Exact scores of the candidates cand (T, w) (padding -1 gets NaN; survivors
+  // (T,) of them per row), and the top-k of them in RankOrder. Computed in the
+  // input dtype like the exact path, from the row-scaled operands (so no
+  // intermediate overflows or underflows that the score itself does not),
+  // then scaled back in float64. Tests go in chunks of similar survivor
+  // counts, so the gathered operands are about as wide as the survivors, not
+  // as the widest row.
+  std::tuple<at::Tensor, at::Tensor> rescore_topk(at::Tensor cand, const at::Tensor& survivors, int64_t k,
+                                                  bool largest) const {
     const int64_t N = R_.size(0), width = cand.size(1);
+    const auto dtype = R_.scalar_type();
     // Ascending training index within each row (padding last), as RankOrder's ties need.
     cand = std::get<0>(at::sort(at::where(cand < 0, at::full_like(cand, N), cand), 1));
-    auto valid = cand < N;
-    auto ids = at::where(valid, cand, at::zeros_like(cand));
-    auto values = at::empty({T_, width}, R_.options());
-    const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, width * (C_ + Dp_) * m_));
-    for (int64_t t0 = 0; t0 < T_; t0 += chunk) {
-      const int64_t tc = std::min(chunk, T_ - t0);
-      auto rows = ids.narrow(0, t0, tc).reshape({-1});
-      auto phi = Phi_.index_select(0, rows).view({tc, width, Dp_});
-      // R_i inv_i first, as the exact path scales it, so no intermediate overflows where its don't
-      auto r = (R_.index_select(0, rows) * inv_norm_.index_select(0, rows).unsqueeze(1)).view({tc, width, C_});
-      if (general_) {  // sum_c R_ic inv_i (S_tc . Phi_i)
-        values.narrow(0, t0, tc).copy_((at::bmm(phi, beta.narrow(0, t0, tc).transpose(1, 2)) * r).sum(2));
-      } else {         // sum_j (alpha_tj . R_i inv_i)(beta_tj . Phi_i)
-        values.narrow(0, t0, tc).copy_((at::bmm(r, alpha.narrow(0, t0, tc).transpose(1, 2)) *
-                                        at::bmm(phi, beta.narrow(0, t0, tc).transpose(1, 2))).sum(2));
+    auto values = at::full({T_, width}, std::nan(""), R_.options());
+    auto by_count = std::get<1>(at::sort(survivors, /*stable=*/true, 0, /*descending=*/true));
+    auto counts = survivors.index_select(0, by_count).cpu();
+    const int64_t* count = counts.const_data_ptr<int64_t>();
+    for (int64_t c0 = 0; c0 < T_;) {
+      const int64_t wc = std::max<int64_t>(1, count[c0]);
+      const int64_t tc = std::min(T_ - c0, std::max<int64_t>(1, (int64_t(1) << 22) / (wc * (C_ + Dp_) * m_)));
+      auto tests = by_count.narrow(0, c0, tc);
+      auto ids = cand.index_select(0, tests).narrow(1, 0, wc);
+      auto rows = at::where(ids < N, ids, at::zeros_like(ids)).reshape({-1});
+      auto r = scaled_rows(R_.index_select(0, rows), at::ones({rows.size(0)}, scale_all_.options()),
+                           r_shift_.index_select(0, rows), dtype, train_single_).view({tc, wc, C_});
+      auto p = scaled_rows(Phi_.index_select(0, rows), p_mantissa_.index_select(0, rows),
+                           p_shift_.index_select(0, rows), dtype, train_single_).view({tc, wc, Dp_});
+      at::Tensor v;
+      if (general_) {  // sum_c R'_ic (S'_tc . Phi'_i)
+        v = (at::bmm(p, test_scaled_.second.index_select(0, tests).transpose(1, 2)) * r).sum(2);
+      } else {         // sum_j (alpha'_tj . R'_i)(beta'_tj . Phi'_i)
+        v = (at::bmm(r, test_scaled_.first.index_select(0, tests).transpose(1, 2)) *
+             at::bmm(p, test_scaled_.second.index_select(0, tests).transpose(1, 2))).sum(2);
       }
+      auto exponent = test_exp_.index_select(0, tests).unsqueeze(1) + train_exp_.index_select(0, rows).view({tc, wc});
+      auto full = at::full({tc, width}, std::nan(""), values.options());
+      full.narrow(1, 0, wc).copy_(ldexp_safe(v.to(at::kDouble), exponent).masked_fill_(ids >= N, std::nan("")));
+      values.index_copy_(0, tests, full);
+      c0 += tc;
     }
-    values.masked_fill_(valid.logical_not(), std::nan(""));
     auto order = rank_order_first(values, k, largest);
     return {values.gather(1, order), cand.gather(1, order)};
   }
@@ -314,11 +357,12 @@ class Bf16Screen {
   bool general_, applies_ = false;
   at::Tensor R_, Phi_, inv_norm_;
   int64_t T_, m_, C_, Dp_;
-  at::Tensor r_shift_, p_shift_, p_mantissa_, scale_all_;
+  at::Tensor r_shift_, p_shift_, p_mantissa_, scale_all_, train_exp_, test_exp_;
+  std::pair<at::Tensor, at::Tensor> test_scaled_;  // the scaled test operands in the input dtype
   bool train_single_ = false;
   at::Tensor test_left_, test_right_, test_norms_, test_right_norms_;
   at::Tensor scale_, train_left_, train_right_, norm_cols_, train_norms_, train_right_norms_;
-  at::Tensor grad_f32_, grad_bf16_;
+  at::Tensor grad_;  // the bf16 gradient tile's buffer, kept across tiles (no page faults per tile)
   GeneralPair general_pair_{};
   LowRankPair low_rank_pair_{};
 };
@@ -373,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_screen(const at::Tensor& alph
   }
   auto [cand, survivors] = consumer.candidates();
   if (!cand.defined()) return exact_topk(alpha_, beta_, R, Phi, inv_norm, k, largest);
-  auto [values, indices] = screen.rescore_topk(alpha, beta, cand, k, largest);
+  auto [values, indices] = screen.rescore_topk(cand, survivors, k, largest);
   return {values, indices, survivors};
 }
 

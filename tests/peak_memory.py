@@ -39,7 +39,8 @@ def main(T: int, N: int, k: int, path: str) -> None:
     attr.topk(small, k, "theta_relatif")  # normalisers, thread pools, allocator warm-up
     (values, _), topk_growth = peak_growth(lambda: attr.topk(test, k, "theta_relatif"))
     dense, dense_growth = peak_growth(lambda: attr.scores(test, "theta_relatif"))
-    assert torch.equal(values[:, 0], dense.max(dim=1).values)
+    # exact scores both (the screen's rescored in another summation order than the dense tiles)
+    torch.testing.assert_close(values[:, 0], dense.max(dim=1).values, rtol=1e-5, atol=0)
     print(json.dumps({"topk": topk_growth, "dense": dense_growth}))
 
 

@@ -70,7 +70,7 @@ class CpuConsumer {
     const int64_t m = screen.terms();
     at::parallel_for(0, tb, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> lo(nt), hi(nt);
-      std::vector<LowRankPair::Partial> partial(screen.general() ? 0 : nt);
+      std::vector<LowRankPair::Partial> partial(screen.general() || screen.terms() == 1 ? 0 : nt);
       for (int64_t t = begin; t < end; ++t) {
         if (screen.general()) {
           const GeneralPair pair = screen.general_pair();
@@ -82,26 +82,40 @@ class CpuConsumer {
             lo[i] = sign_ * s - b;
             hi[i] = sign_ * s + b;
           }
-        } else {  // terms outer, training rows inner: the inner loop vectorises
+        } else {  // terms outer, training rows inner, so the inner loops vectorise
           const LowRankPair pair = screen.low_rank_pair();
           const auto* c_tile = static_cast<const c10::BFloat16*>(second);
           const float* an = screen.test_norms().const_data_ptr<float>() + (t0 + t) * m;
           const float* bn = screen.test_right_norms().const_data_ptr<float>() + (t0 + t) * m;
           const float* rn = screen.train_norms().const_data_ptr<float>();
           const float* pn = screen.train_right_norms().const_data_ptr<float>();
-          std::fill(partial.begin(), partial.end(), LowRankPair::Partial{});
-          for (int64_t j = 0; j < m; ++j) {
-            const c10::BFloat16* a = first + (t * m + j) * nt;
-            const c10::BFloat16* c = c_tile + (t * m + j) * nt;
+          if (m == 1) {  // rank 1: one pass, the partial sums in registers
+            const c10::BFloat16* a = first + t * nt;
+            const c10::BFloat16* c = c_tile + t * nt;
             for (int64_t i = 0; i < nt; ++i) {
-              pair.term(static_cast<float>(a[i]), static_cast<float>(c[i]), an[j], bn[j], rn[i], pn[i], partial[i]);
+              LowRankPair::Partial one;
+              pair.term(static_cast<float>(a[i]), static_cast<float>(c[i]), an[0], bn[0], rn[i], pn[i], one);
+              double s, b;
+              pair.finish(one, scale[i], s, b);
+              lo[i] = sign_ * s - b;
+              hi[i] = sign_ * s + b;
             }
-          }
-          for (int64_t i = 0; i < nt; ++i) {
-            double s, b;
-            pair.finish(partial[i], scale[i], s, b);
-            lo[i] = sign_ * s - b;
-            hi[i] = sign_ * s + b;
+          } else {
+            std::fill(partial.begin(), partial.end(), LowRankPair::Partial{});
+            for (int64_t j = 0; j < m; ++j) {
+              const c10::BFloat16* a = first + (t * m + j) * nt;
+              const c10::BFloat16* c = c_tile + (t * m + j) * nt;
+              for (int64_t i = 0; i < nt; ++i) {
+                pair.term(static_cast<float>(a[i]), static_cast<float>(c[i]), an[j], bn[j], rn[i], pn[i],
+                          partial[i]);
+              }
+            }
+            for (int64_t i = 0; i < nt; ++i) {
+              double s, b;
+              pair.finish(partial[i], scale[i], s, b);
+              lo[i] = sign_ * s - b;
+              hi[i] = sign_ * s + b;
+            }
           }
         }
         RowState& row = rows_[t0 + t];
