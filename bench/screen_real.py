@@ -9,7 +9,8 @@ reproductions explain, in one process (bench/screen_cpu.py's measurement):
 θ-RelatIF with K-FAC, k = 10, general (eigenbasis damping) and rank-1
 (factored damping) paths, float32 features as the hooks collect them.
 
-    cd bench && ../.venv/bin/python screen_real.py       # about 6 minutes on 2 cores
+    apt-get install dataset-fashion-mnist
+    cd bench && FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist ../.venv/bin/python screen_real.py
 
 Prints one JSON line per measurement and a Markdown table (bench/RESULTS.md,
 "Screens on the CPU")."""
@@ -56,9 +57,13 @@ def imdb_head(n_train: int = 6000, tests: int = 1000, epochs: int = 3, length: i
     return train, test
 
 
+WORKLOADS = {"fashion": ("Fashion-MNIST ConvNet head", fashion_head), "imdb": ("IMDB BERT head", imdb_head)}
+
+
 def main() -> None:
+    chosen = sys.argv[1:] or list(WORKLOADS)  # e.g. screen_real.py imdb
     rows = []
-    for name, make in (("Fashion-MNIST ConvNet head", fashion_head), ("IMDB BERT head", imdb_head)):
+    for name, make in (WORKLOADS[w] for w in chosen):
         start = time.perf_counter()
         train, test = make()
         print(json.dumps({"workload": name, "N": len(train.features), "T": len(test.features),

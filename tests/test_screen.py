@@ -174,14 +174,14 @@ def test_bad_input():
 def test_auto_screens_only_where_measured_faster(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precisions, "CPU_HAS_BF16_MATMUL", True)
-    assert precisions.resolve("auto", True, 1000, 100_000, 10, cpu) == "bf16"
-    for args in ((False, 1000, 100_000, 10), (True, 100, 100_000, 10), (True, 1000, 1000, 10),
-                 (True, 1000, 100_000, 500)):
+    assert precisions.resolve("auto", True, 1000, 100_000, 5130, 10, cpu) == "bf16"
+    for args in ((False, 1000, 100_000, 5130, 10), (True, 100, 100_000, 5130, 10), (True, 1000, 1000, 5130, 10),
+                 (True, 1000, 100_000, 130, 10), (True, 1000, 100_000, 5130, 500)):
         assert precisions.resolve("auto", *args, cpu) == "exact", args
-    assert precisions.resolve("auto", True, 1000, 100_000, 10, torch.device("cuda")) == "exact"
-    assert precisions.resolve("bf16", False, 1, 1, 1, cpu) == "bf16"
+    assert precisions.resolve("auto", True, 1000, 100_000, 5130, 10, torch.device("cuda")) == "exact"
+    assert precisions.resolve("bf16", False, 1, 1, 1, 1, cpu) == "bf16"
     monkeypatch.setattr(precisions, "CPU_HAS_BF16_MATMUL", False)
-    assert precisions.resolve("auto", True, 1000, 100_000, 10, cpu) == "exact"
+    assert precisions.resolve("auto", True, 1000, 100_000, 5130, 10, cpu) == "exact"
 
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -7,9 +7,9 @@ and the values exact scores; operands the bound is not for (NaN, inf, scales
 beyond float64) get the exact path inside the op. "auto" (the default) takes
 the screen only where bench/screen_cpu.py measured it faster than exact
 (bench/RESULTS.md, "Screens on the CPU"): the general path on a CPU with bf16
-matrix instructions, with enough tests and training rows per call to fill its
-GEMMs. Everywhere else, including every GPU until the screen is timed on one,
-it is exact."""
+matrix instructions, with enough tests, training rows and depth C * D' per
+call to fill its GEMMs. Everywhere else, including every GPU until the screen
+is timed on one, it is exact."""
 from __future__ import annotations
 
 import torch
@@ -17,8 +17,11 @@ import torch
 PRECISIONS = ("auto", "exact", "bf16")
 # Below these the screen's fixed costs (rounding the training rows, the exact
 # rescoring) outweigh its faster GEMMs (bench/RESULTS.md).
+# Measured faster at C * D' = 5,130 (W-CPU) and 5,770 (the Fashion-MNIST
+# ConvNet head), 12x slower at 130 (the IMDB BERT head, N = 6,000).
 AUTO_MIN_TESTS = 512
 AUTO_MIN_TRAIN = 16_384
+AUTO_MIN_DEPTH = 4_096
 AUTO_MAX_K = 64
 
 
@@ -42,12 +45,13 @@ def cpu_has_bf16_matmul() -> bool:
 CPU_HAS_BF16_MATMUL = cpu_has_bf16_matmul()
 
 
-def resolve(precision: str, general: bool, tests: int, train: int, k: int, device: torch.device) -> str:
+def resolve(precision: str, general: bool, tests: int, train: int, depth: int, k: int,
+            device: torch.device) -> str:
     """The precision a top-k call runs at: "auto" made "exact" or "bf16" for
-    this call's shape (general path or not, T, N, k) and device."""
+    this call's shape (general path or not, T, N, depth C * D', k) and device."""
     check_precision(precision)
     if precision != "auto":
         return precision
     screen_pays = (device.type == "cpu" and general and CPU_HAS_BF16_MATMUL and tests >= AUTO_MIN_TESTS
-                   and train >= AUTO_MIN_TRAIN and k <= AUTO_MAX_K)
+                   and train >= AUTO_MIN_TRAIN and depth >= AUTO_MIN_DEPTH and k <= AUTO_MAX_K)
     return "bf16" if screen_pays else "exact"
