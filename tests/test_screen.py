@@ -113,6 +113,24 @@ def test_operands_the_bound_is_not_for_take_the_exact_path():
     assert torch.equal(got[1], exact[1]) and bool((got[2] == 40).all())
 
 
+def test_hostile_shapes_and_layouts():
+    # no tests; non-contiguous operands; every training row the same (all tied:
+    # past candidate_capacity the op answers on the exact path, survivors = N)
+    (S,), R, Phi, inv_norm = operands(T=3, N=50, C=3, Dp=6, dtype=torch.float32, seed=8)
+    values, indices, survivors = ops.screened_topk(S[:0], R, Phi, inv_norm, 4)
+    assert values.shape == (0, 4) and indices.shape == (0, 4) and survivors.shape == (0,)
+    St, Rt, Pt = S.transpose(1, 2).contiguous().transpose(1, 2), R.t().contiguous().t(), Phi.t().contiguous().t()
+    assert not (St.is_contiguous() or Rt.is_contiguous() or Pt.is_contiguous())
+    assert_same(ops.topk(S, R, Phi, inv_norm, 4, precision="exact"), ops.screened_topk(St, Rt, Pt, inv_norm, 4),
+                torch.float32)
+    N = 10_000
+    (S,), R, Phi, inv_norm = operands(T=2, N=1, C=3, Dp=6, dtype=torch.float32, seed=9)
+    R, Phi, inv_norm = R.expand(N, -1).contiguous(), Phi.expand(N, -1).contiguous(), inv_norm.expand(N).contiguous()
+    exact, got = both((S,), R, Phi, inv_norm, 5, True)
+    assert torch.equal(got[1], exact[1]) and torch.equal(got[1][0], torch.arange(5))  # ties by index
+    assert bool((got[2] == N).all())
+
+
 def test_the_issues_two_silent_failures():
     """float64 features of norm ~1e19 returned no indices from the old screen,
     and subnormal float32 training features against test features at 1e10

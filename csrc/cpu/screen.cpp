@@ -1,7 +1,8 @@
 // The bf16 screen's consumer on the CPU (csrc/screen.h): per test row, a
 // min-heap of the k best lower bounds seen so far, whose root is the row's
 // certified threshold, and the training rows whose upper bound reaches it,
-// pruned again whenever the list doubles so it stays near the survivors.
+// pruned again whenever the list doubles so it stays near the survivors (and
+// at candidate_capacity: a row still that full sends the op to the exact path).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -20,6 +21,7 @@ struct RowState {
   std::vector<int64_t> ids;   // candidates, ascending training index
   std::vector<double> upper;  // their upper bounds
   size_t prune_at = 64;
+  bool full = false;          // more than candidate_capacity survived pruning
 
   double threshold(size_t k) const { return lower.size() < k ? -std::numeric_limits<double>::infinity() : lower[0]; }
 
@@ -32,13 +34,20 @@ struct RowState {
       lower.back() = lo;
       std::push_heap(lower.begin(), lower.end(), std::greater<>());
     }
-    if (hi < threshold(k)) return;
+    if (full || hi < threshold(k)) return;
     ids.push_back(i);
     upper.push_back(hi);
     if (ids.size() >= prune_at) {
       prune(k);
       prune_at = std::max<size_t>(64, 2 * ids.size());
     }
+  }
+
+  // Prunes when the list reaches capacity; full if that leaves it there.
+  void cap(size_t k, size_t capacity) {
+    if (ids.size() < capacity) return;
+    prune(k);
+    full = ids.size() >= capacity;
   }
 
   void prune(size_t k) {
@@ -58,7 +67,8 @@ struct RowState {
 class CpuConsumer {
  public:
   CpuConsumer(const Bf16Screen& screen, int64_t k, bool largest)
-      : k_(static_cast<size_t>(k)), sign_(largest ? 1.0 : -1.0), rows_(screen.tests()) {}
+      : k_(static_cast<size_t>(k)), sign_(largest ? 1.0 : -1.0),
+        capacity_(static_cast<size_t>(candidate_capacity(screen.train_rows(), k))), rows_(screen.tests()) {}
 
   // Two passes per row: every pair's bounds (a loop the compiler vectorises),
   // then the few whose upper bound reaches the threshold go to the heap.
@@ -123,6 +133,7 @@ class CpuConsumer {
         for (int64_t i = 0; i < nt; ++i) {
           if (hi[i] < threshold) continue;
           row.offer(k_, lo[i], hi[i], n0 + i);
+          row.cap(k_, capacity_);
           threshold = row.threshold(k_);
         }
       }
@@ -131,6 +142,7 @@ class CpuConsumer {
 
   std::pair<at::Tensor, at::Tensor> candidates() {
     const int64_t T = static_cast<int64_t>(rows_.size());
+    if (std::any_of(rows_.begin(), rows_.end(), [](const RowState& row) { return row.full; })) return {};
     auto survivors = at::empty({T}, at::kLong);
     int64_t* count = survivors.data_ptr<int64_t>();
     int64_t width = 1;
@@ -148,6 +160,7 @@ class CpuConsumer {
  private:
   size_t k_;
   double sign_;
+  size_t capacity_;
   std::vector<RowState> rows_;
 };
 

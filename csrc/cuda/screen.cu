@@ -67,7 +67,7 @@ class CudaConsumer {
  public:
   CudaConsumer(const Bf16Screen& screen, int64_t k, bool largest)
       : k_(k), sign_(largest ? 1.0 : -1.0),
-        capacity_(std::min<int64_t>(screen.train_rows(), 4 * k + 8192)) {
+        capacity_(candidate_capacity(screen.train_rows(), k)) {
     auto options = screen.test_norms().options();
     const int64_t T = screen.tests();
     best_ = at::full({T, k}, -std::numeric_limits<double>::infinity(), options.dtype(at::kDouble));
