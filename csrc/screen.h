@@ -4,9 +4,9 @@
 // with a rigorous per-pair error bound assembled from per-row norms; a
 // device's consumer (csrc/cpu/screen.cpp, csrc/cuda/screen.cu) keeps each test
 // row's k best lower bounds and the training rows whose upper bound reaches
-// them; the survivors are rescored exactly (float64) here and ranked in
-// RankOrder. Every operand is scaled per row by a power of two (exact) so its
-// largest entry lies in [1/2, 1): the reduced format can then neither
+// them; the survivors are rescored exactly here (in the input dtype, from the
+// scaled operands) and ranked in RankOrder. Every operand is scaled per row by
+// a power of two (exact) so its entries are below 1/2: the reduced format can then neither
 // overflow nor lose a row to underflow, whatever the input's exponent range,
 // and what does underflow (entries 2^126 below their row's largest) is an
 // absolute error the bound carries. Scores are compared within a test row, so
@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <tuple>
 
 #include "checks.h"
@@ -181,12 +180,12 @@ inline void outer_bf16(const at::Tensor& rT, const at::Tensor& pT, at::Tensor& o
 // K = C * Dp); the low-rank path: alpha (T, m, C), beta (T, m, Dp).
 class Bf16Screen {
  public:
-  // Whether the bound holds for these operands: all finite, and the training
-  // rows' scales within what float64 holds (float32 inputs always are).
-  // Computes the training rows' scale factors on the way.
+  // Scales and rounds the test side and the training rows' factors; applies()
+  // says whether the bound holds for these operands: all finite, and the
+  // training rows' scales within what float64 holds (float32 inputs always are).
   Bf16Screen(const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& R, const at::Tensor& Phi,
              const at::Tensor& inv_norm)
-      : general_(!alpha.defined()), R_(R), Phi_(Phi), inv_norm_(inv_norm),
+      : general_(!alpha.defined()), R_(R), Phi_(Phi),
         T_(beta.size(0)), m_(general_ ? 1 : alpha.size(1)), C_(R.size(1)), Dp_(Phi.size(1)) {
     auto r_exp = row_exponents(R), p_exp = row_exponents(Phi), i_exp = row_exponents(inv_norm.unsqueeze(1));
     auto b_exp = row_exponents(beta);
@@ -355,7 +354,7 @@ class Bf16Screen {
 
  private:
   bool general_, applies_ = false;
-  at::Tensor R_, Phi_, inv_norm_;
+  at::Tensor R_, Phi_;
   int64_t T_, m_, C_, Dp_;
   at::Tensor r_shift_, p_shift_, p_mantissa_, scale_all_, train_exp_, test_exp_;
   std::pair<at::Tensor, at::Tensor> test_scaled_;  // the scaled test operands in the input dtype
