@@ -10,7 +10,8 @@ import torch
 import exemplar
 from exemplar import ops
 from exemplar.ops import precision as precisions
-from helpers import make_data
+from exemplar.testing import reference as ref
+from helpers import check_topk_near, make_data
 
 
 def operands(T, N, C, Dp, m=None, dtype=torch.float64, seed=0, spread=0.0):
@@ -154,6 +155,21 @@ def test_the_issues_two_silent_failures():
     reference = wide.scores(exemplar.LastLayerData(test.features.double(), test.logits.double()), "grad_dot")
     got = attr.topk(test, 1, "grad_dot", precision="bf16")
     assert torch.equal(got.indices[:, 0], reference.argmax(1))
+
+
+@pytest.mark.parametrize("curvature,kfac_damping", [("exact", "eigenbasis"), ("kfac", "eigenbasis"),
+                                                    ("kfac", "factored")])
+def test_screened_topk_equals_the_reference(curvature, kfac_damping):
+    # Both screened ops (general and rank-1 path) through the Attributor against
+    # testing/reference.py's float64 scores from explicit gradients and inverses.
+    train = make_data(300, 4, 7, seed=11)
+    test = make_data(5, 4, 7, seed=12)
+    attr = exemplar.Attributor(train, curvature=curvature, damping=1e-2, kfac_damping=kfac_damping)
+    for method in ("if", "theta_relatif"):
+        got = attr.topk(test, 9, method, precision="bf16")
+        want = ref.scores(train.features, train.logits, train.labels, test.features, test.logits, test.labels,
+                          method, curvature, 1e-2, True, kfac_damping)
+        check_topk_near(got.values, got.indices, want, 9, True, tol=1e-10)
 
 
 def test_attributor_topk_takes_a_precision():
