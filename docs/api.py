@@ -18,6 +18,8 @@ SECTIONS = [
     ("Results", ["TopK", "Explanation", "report", "plot.grid"]),
     ("Selection and data debugging", ["divine", "divine_global", "inspection_order", "flip_labels",
                                       "debug_labels", "Fit"]),
+    ("Counterfactual truth: LDS and leave-one-out", ["retrain_head", "retrain_model", "Retraining", "lds",
+                                                     "leave_one_out", "Evaluation"]),
     ("Extending and embedding", ["register", "Method", "methods.Context", "curvature.register",
                                  "curvature.Curvature", "TrainOperands", "Query", "General", "Rank1",
                                  "ops.scores", "ops.scores_rank1", "ops.topk", "ops.topk_rank1", "cuda_compiled"]),

@@ -4,7 +4,7 @@ run from the repository root. Each experiment writes results/NAME/README.md
 uses exemplar's public API and the library never imports it."""
 from __future__ import annotations
 
-from . import barshan, sui, timing
+from . import barshan, lds, sui, timing
 
 EXPERIMENTS = {
     "barshan-table1": (barshan.table1, "Barshan Table 1 + Fig. 3-4 grid: influential-set cardinality and probability"),
@@ -15,4 +15,6 @@ EXPERIMENTS = {
     "sui-debugging": (sui.debugging, "Sui Fig. 4: data debugging with flipped labels (German credit, XGBoost)"),
     "sui-representers": (sui.representers, "Sui Table 4, Table 6 / Fig. 3b, Fig. 1b: RPS-l2 vs RPS-LJE"),
     "thesis-timing": (timing.running_time, "Thesis Table 2: time per test point, IF vs RelatIF"),
+    "lds": (lds.lds_table, "LDS and leave-one-out per method x curvature: heads (digits, Fashion-MNIST ConvNet, "
+                           "IMDB BERT) and a whole MLP retrained end to end"),
 }

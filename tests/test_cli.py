@@ -144,3 +144,34 @@ def test_fit_says_what_it_fitted(files, capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith("fitted kfac curvature (damping 0.001) on N=80 training examples (D=6, C=4); wrote ")
     assert "Attributor(" not in out
+
+
+def test_evaluate_equals_the_api(files, capsys):
+    folder, train, test, attr = files
+    fit, tests = str(folder / "fit.safetensors"), str(folder / "test.safetensors")
+    pytest.importorskip("pandas")
+    with pytest.warns(UserWarning, match="not the minimiser"):  # the fixture's layer is random
+        assert main(["evaluate", fit, tests, "-o", str(folder / "lds.csv"), "--subsets", "6",
+                     "--methods", "if,grad_dot", "--job", str(folder / "job")]) == 0
+    printed = capsys.readouterr().out
+    assert "6 retrains (subsets) of N = 80, 6 usable; weight decay 0.001" in printed
+    with pytest.warns(UserWarning):
+        truth = exemplar.retrain_head(train, test, 1e-3, weight=attr.theta[:, :-1], bias=attr.theta[:, -1],
+                                      subsets=6)
+    expected = exemplar.lds(attr, test, truth, ("if", "grad_dot"))
+    import pandas
+
+    table = pandas.read_csv(folder / "lds.csv")
+    assert table.method.tolist() == ["if", "grad_dot"]
+    assert table.lds.tolist() == pytest.approx([c.value for c in expected.methods.values()], abs=1e-6)
+    with pytest.warns(UserWarning):  # the job folder answers the second run; a report this time
+        assert main(["evaluate", fit, tests, "-o", str(folder / "lds.html"), "--subsets", "6",
+                     "--methods", "if,grad_dot", "--job", str(folder / "job")]) == 0
+    assert "Counterfactual check: LDS" in (folder / "lds.html").read_text()
+    with pytest.warns(UserWarning):
+        assert main(["evaluate", fit, tests, "-o", str(folder / "loo.csv"), "--remove", "5", "--methods", "if"]) == 0
+    assert pandas.read_csv(folder / "loo.csv").columns.tolist()[:2] == ["method", "leave_one_out"]
+    assert main(["evaluate", fit, tests, "-o", str(folder / "x.csv"), "--fraction", "1.5"]) == 2
+    assert "exemplar evaluate: error: fraction must be a number in (0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["evaluate", fit, tests, "-o", str(folder / "y.csv"), "--weight-decay", "0"]) == 2
+    assert "weight_decay must be a finite number > 0" in capsys.readouterr().err

@@ -95,6 +95,8 @@ def test_progress_is_quiet_in_logs_unless_asked(capsys):
 
 def _report(tmp_path, fitted, texts=False):
     train, test, attr = fitted
+    truth = exemplar.retrain_head(train, test, 1e-3, subsets=9)  # no layer given: refit from zero
+    evaluation = exemplar.lds(attr, test, truth, methods=("if", "theta_relatif"))
     explanations = {"IF": attr.explain(test, 3, "if", opponents=2),
                     "θ-RelatIF": attr.explain(test, 3, "theta_relatif", opponents=2)}
     if texts:
@@ -104,7 +106,7 @@ def _report(tmp_path, fitted, texts=False):
         inputs = dict(train_inputs=train.features.view(-1, 4, 4), test_inputs=test.features, image_shape=(4, 4))
     return exemplar.report(tmp_path / "r.html", explanations, train_labels=train.labels,
                            self_influence=attr.self_influence("if"), suspects=5,
-                           class_names=["cat", "dog", "eel"], **inputs)
+                           class_names=["cat", "dog", "eel"], evaluation=evaluation, **inputs)
 
 
 @pytest.mark.parametrize("texts", [False, True])
@@ -114,6 +116,7 @@ def test_report_is_self_contained(tmp_path, fitted, texts):
     n_images = 0 if texts else 4 * (1 + 2 * (3 + 2)) + 5
     assert page.count("<img") == n_images
     assert page.count("class='test'") == 4 and "Self-influence suspects" in page
+    assert "Counterfactual check: LDS" in page and page.count("<circle") == 9  # one point per retrain
     if texts:
         assert "review &lt;b&gt;7&lt;/b&gt; &amp; more" in page or "&lt;b&gt;" in page
     _, test, attr = fitted
@@ -136,6 +139,7 @@ def test_report_renders_in_chromium(tmp_path, fitted):
     widths = {k: float(v) for k, v in re.findall(r'data-(example|suspect)-width="([0-9.]+)"', dom.stdout)}
     assert widths["suspect"] >= widths["example"] >= 48, widths  # the suspects' 4x4 thumbnails are readable
     assert dom.stdout.count("<img") == 4 * (1 + 2 * (3 + 2)) + 5
+    assert 'data-scatter-points="9"' in dom.stdout  # the counterfactual scatter is drawn, one point per retrain
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", path.as_uri()],
                    capture_output=True, timeout=120, check=True)

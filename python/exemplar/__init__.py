@@ -5,7 +5,10 @@ The package is laid out by extension point, imports running one way
 analysis / report <- cli, with data, progress, results and storage below
 the engine."""
 from . import curvature, methods
+from .analysis.callback import retrain_model
+from .analysis.counterfactual import Evaluation, lds, leave_one_out
 from .analysis.debugging import Fit, debug_labels, flip_labels, inspection_order
+from .analysis.retraining import Retraining, retrain_head
 from .analysis.selection import divine, divine_global
 from .data import LastLayerData
 from .engine import Attributor, Settings
@@ -24,5 +27,6 @@ CURVATURES = curvature.names()
 __all__ = ["Attributor", "Settings", "LastLayerData", "LastLayer", "Explainer", "Explanation", "TopK", "report",
            "plot", "CURVATURES", "INFLUENCE_METHODS", "METHODS", "Method", "register", "methods", "curvature",
            "TrainOperands", "Query", "General", "Rank1", "cuda_compiled", "divine", "divine_global",
-           "inspection_order", "flip_labels", "debug_labels", "Fit"]
+           "inspection_order", "flip_labels", "debug_labels", "Fit", "retrain_head", "retrain_model", "Retraining",
+           "lds", "leave_one_out", "Evaluation"]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ as "weight" (C, D) and "bias" (C,), which RPS-LJE needs and RPS-l2 starts from.
     exemplar topk fit.safetensors test.safetensors -k 10 --method theta_relatif -o top.parquet
     exemplar self-influence fit.safetensors -o suspects.csv --top 100
     exemplar report fit.safetensors test.safetensors -o report.html --methods if,theta_relatif
+    exemplar evaluate fit.safetensors test.safetensors -o lds.csv --methods if,theta_relatif --subsets 100
 """
 from __future__ import annotations
 
@@ -243,6 +244,33 @@ def report(args) -> None:
     print(f"wrote {out.resolve()}")
 
 
+def evaluate(args) -> None:
+    """exemplar evaluate: LDS (or leave-one-out) of methods against retraining the head."""
+    from .analysis.counterfactual import lds, leave_one_out
+    from .analysis.retraining import retrain_head
+
+    attr = _load(args.fit)
+    test, _ = read_data(args.test, False, "test")
+    names = _methods(args.methods)
+    _checked(attr, test, args.test, 1, 0)
+    out = _output(args, (".csv", ".parquet", ".html"), (args.fit, args.test))
+    decay = attr.settings.damping if args.weight_decay is None else args.weight_decay
+    layer = {} if attr.theta is None else {"weight": attr.theta[:, :attr.num_features],
+                                           "bias": attr.theta[:, -1] if attr.settings.bias else False}
+    truth = retrain_head(attr.train, test, decay, **layer, subsets=args.subsets, fraction=args.fraction,
+                         remove=args.remove or None, seed=args.seed, target=args.target, out=args.job,
+                         progress=args.progress)
+    result = (leave_one_out if args.remove else lds)(attr, test, truth, names)
+    if out.suffix == ".html":
+        from .report.html import report as write_report
+
+        explained = {method_name(m): attr.explain(test, 5, m) for m in names[:2]}
+        write_report(out, explained, train_labels=attr.train.labels, test_labels=test.labels, evaluation=result)
+    else:
+        _write_table(result.to_pandas(), out)
+    print(f"{truth.summary()}; weight decay {decay:g}\n{result.to_markdown()}\nwritten to {out}")
+
+
 def _count(minimum: int):
     """An argparse type: an integer >= minimum."""
     def parse(text: str) -> int:
@@ -330,6 +358,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", help="comma-separated names, one per class")
     p.add_argument("--suspects", type=_count(0), default=24, help="self-influence suspects listed (0: none)")
     p.add_argument("--suspects-method", default="if", help="method for the self-influence page")
+    p = command("evaluate", evaluate, "LDS or leave-one-out of methods against retraining the last layer")
+    p.add_argument("fit", help="a file from `exemplar fit`")
+    p.add_argument("test", help="safetensors test file, as for topk (labels: the class whose log p is measured)")
+    p.add_argument("-o", "--output", required=True, help=".csv / .parquet (one row per method) or .html (a report)")
+    p.add_argument("--methods", default="if,theta_relatif,grad_dot", help="methods, comma-separated")
+    p.add_argument("--weight-decay", type=float, help="the layer's weight decay (default: the fit's damping)")
+    p.add_argument("--subsets", type=_count(3), default=100, help="random subsets retrained (LDS)")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the training set in each subset")
+    p.add_argument("--remove", type=_count(0), default=0, help="leave-one-out over this many random rows instead")
+    p.add_argument("--target", choices=("log_prob", "margin", "prob"), default="log_prob")
+    p.add_argument("--seed", type=_count(0), default=0, help="seeds the subsets and the bootstrap")
+    p.add_argument("--job", help="a folder keeping the retrains, so a killed run resumes")
     return top
 
 

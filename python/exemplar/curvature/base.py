@@ -103,6 +103,14 @@ class Curvature:
         """g_i^T H^-1 g_i, (b,)."""
         return self.norms(R, Phi)[1]
 
+    def solve(self, V: torch.Tensor) -> torch.Tensor:
+        """H^-1 V for general matrices V (M, C, Dp), not only rank-1 gradients,
+        in float64, with V's component along the softmax's null direction (the
+        same row added to every class) dropped: what a refit's Newton steps
+        are preconditioned with (analysis/retraining.py). Forms without it
+        raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot precondition general matrices")
+
     def state(self) -> dict[str, torch.Tensor]:
         """Everything needed to rebuild this curvature without refitting."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -167,6 +167,13 @@ class ExactCholesky(Curvature):
     def shapes(C, Dp):
         return {"chol": ((C - 1) * Dp, (C - 1) * Dp, torch.float64)}
 
+    def solve(self, V):
+        E = residual_basis(V.shape[1], V.device)
+        M, Dp = V.shape[0], V.shape[2]
+        y = torch.einsum("ck,mcd->mkd", E, V.double()).reshape(M, -1)
+        x = torch.cholesky_solve(y.T, self.chol).T.reshape(M, -1, Dp)
+        return torch.einsum("ck,mkd->mcd", E, x)
+
     def _reduced(self, R):
         """R (N, C) -> R E (N, C-1), the residuals' coordinates in the basis."""
         return (R.double() @ residual_basis(R.shape[1], R.device)).to(R.dtype)

@@ -47,6 +47,10 @@ class Eigenbasis(Curvature):
     def norms(self, R, Phi, N=None):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, self.w)
 
+    def solve(self, V):
+        qg, qa = self.qg.double(), self.qa.double()
+        return qg @ ((qg.T @ V.double() @ qa) * self.w.double()) @ qa.T
+
 
 class LowRankEigenbasis(Curvature):
     """Eigenbasis with its weight grid W (C, Dp) truncated to rank m, W_m =

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .. import methods, storage
-from ..data import LastLayerData, as_last_layer_data, check_magnitude, largest_sq_norm
+from ..data import LastLayerData
 from ..methods import Method
 from ..ops import Query, TrainOperands, check_k, check_precision, merge_topk
 from ..results import Explanation, TopK
@@ -21,7 +21,7 @@ from ..storage.saved import digest
 from . import state
 from .distributed import ProcessGroup
 from .fitted import FitIdentity, Fitted
-from .layer import theta_from_layer
+from .layer import check_test, theta_from_layer
 from .passes import Passes
 from .settings import Settings
 
@@ -186,21 +186,7 @@ class Attributor:
         """test (a LastLayerData or a DataLoader of (features, logits[, labels])
         batches) as one LastLayerData, checked against the training set: D, C,
         dtype, device and magnitude; the error names what differs."""
-        test = as_last_layer_data(test)
-        D = self.num_features
-        if test.features.shape[1] != D:
-            raise ValueError(f"test.features must have shape (T, D) with D={D} like train.features, "
-                             f"got {tuple(test.features.shape)}")
-        if test.num_classes != self.num_classes:
-            raise ValueError(f"test.logits must have C={self.num_classes} classes like "
-                             f"train.logits, got {tuple(test.logits.shape)}")
-        if test.features.dtype != self.dtype:
-            raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {self.dtype}")
-        if test.features.device != self.device:
-            raise ValueError(f"test is on {test.features.device} but train is on {self.device}")
-        check_magnitude("test.features", largest_sq_norm(test.features), test.features.dtype,
-                        "pass float64 features or rescale them")
-        return test
+        return check_test(test, self._train)
 
     # ---------------------------------------------------------------- API
 
@@ -326,6 +312,22 @@ class Attributor:
         q = m.query(self._fitted, test)
         return self._passes.per_row(f"total_scores {method}", (),
                                     lambda rows: q.total(m.operands(self._fitted, rows)))
+
+    def subset_scores(self, test, subsets: torch.Tensor, method: str = "theta_relatif") -> torch.Tensor:
+        """(T, M) float64: sum over the training rows of each subset j of
+        score(t, i), what an attribution predicts of retraining on subset j
+        (the linear datamodel of LDS), in one pass; test and method as for
+        scores(). subsets: (M, N) bool, or one-hot rows for single scores."""
+        m, test = methods.get(method), self.check_test(test)
+        N = self.num_train
+        if not isinstance(subsets, torch.Tensor) or subsets.dtype != torch.bool or subsets.dim() != 2 \
+                or subsets.shape[1] != N:
+            got = (tuple(subsets.shape), subsets.dtype) if isinstance(subsets, torch.Tensor) else type(subsets).__name__
+            raise ValueError(f"subsets must be an (M, N={N}) bool tensor, got {got}")
+        self._agree("subset_scores", method, test, subsets=digest(subsets)[:16])
+        q, masks = m.query(self._fitted, test), subsets.to(self.device)
+        return self._passes.sum(f"subset_scores {method}", lambda rows: q.scores(
+            m.operands(self._fitted, rows)).double() @ masks[:, rows.start:rows.start + len(rows)].T.double())
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own

@@ -1,11 +1,13 @@
-"""The trained layer an Attributor is given (weight and bias), checked
-against the training set it claims to have produced."""
+"""What an Attributor is given beside its training set, checked against
+it: the trained layer (weight and bias) and the test sets it is asked about."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
+from ..data import LastLayerData, as_last_layer_data, check_magnitude, largest_sq_norm
+from ..storage import TrainingSet
 from .passes import Passes
 
 
@@ -44,3 +46,24 @@ def theta_from_layer(weight, bias, passes: Passes) -> torch.Tensor | None:
         raise ValueError(f"weight and bias do not reproduce train.logits: max |phi W^T + b - logits| "
                          f"= {err:.3g} > {tol:.3g}; pass the layer that produced the logits")
     return theta
+
+
+def check_test(test, train: TrainingSet) -> LastLayerData:
+    """test (a LastLayerData or a DataLoader of (features, logits[, labels])
+    batches) as one LastLayerData, checked against the training set: D, C,
+    dtype, device and magnitude; the error names what differs."""
+    test = as_last_layer_data(test)
+    D = train.num_features
+    if test.features.shape[1] != D:
+        raise ValueError(f"test.features must have shape (T, D) with D={D} like train.features, "
+                         f"got {tuple(test.features.shape)}")
+    if test.num_classes != train.num_classes:
+        raise ValueError(f"test.logits must have C={train.num_classes} classes like "
+                         f"train.logits, got {tuple(test.logits.shape)}")
+    if test.features.dtype != train.dtype:
+        raise TypeError(f"test dtype {test.features.dtype} differs from train dtype {train.dtype}")
+    if test.features.device != train.device:
+        raise ValueError(f"test is on {test.features.device} but train is on {train.device}")
+    check_magnitude("test.features", largest_sq_norm(test.features), test.features.dtype,
+                    "pass float64 features or rescale them")
+    return test

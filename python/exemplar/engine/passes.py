@@ -99,6 +99,14 @@ class Passes:
             out[..., rows.start:rows.start + len(rows)] = fn(rows)
         return self.group.all_sum((out,))[0]
 
+    def sum(self, label: str, fn) -> torch.Tensor:
+        """The sum of fn(rows) over every block, this rank's blocks summed across ranks."""
+        total = None
+        for rows in self.rows(self.own(), label):
+            part = fn(rows)
+            total = part if total is None else total.add_(part)
+        return self.group.all_sum((total,))[0]
+
     def topk(self, k: int, largest: bool, blocks, label: str | None, score_topk):
         """The top k over `blocks` of score_topk(rows, k_b) -> (values, indices
         within the block), merged block by block in the ops' order."""

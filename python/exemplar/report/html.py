@@ -13,6 +13,7 @@ import torch
 
 from ..analysis.debugging import suspicion_order
 from ..storage.saved import write_atomic
+from .counterfactual import section
 from .display import SCORE_UNITS, Examples, by_heading, class_name, method_name, png_bytes, test_name
 
 TEXT_LIMIT = 1200  # characters of a text shown in full; longer ones are cut with a marker
@@ -28,22 +29,27 @@ nav a{margin-right:1.5em} h2{margin-top:2em;border-bottom:1px solid #ccc}
 .ex img,.query img,.suspects img{width:72px;image-rendering:pixelated;display:block}
 .text{white-space:pre-wrap;border:1px solid #eee;background:#fafafa;padding:.3em;max-height:9em;overflow:auto}
 .pos{color:#1a6b1a} .neg{color:#a01818} .kind{font-weight:600;font-size:.85em;margin:.3em 0}
+figure{margin:1em 0} figcaption{font-size:.85em;color:#444;max-width:36em}
 table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 """
 
-# Sets data-broken-images on <body> once loaded, and the smallest rendered width
-# of the proponents' and the suspects' thumbnails: how a headless browser test
-# sees that every inlined image decoded and that none is shown too small to read.
+# Sets data-broken-images on <body> once loaded, the smallest rendered width
+# of the proponents' and the suspects' thumbnails, and how many points of the
+# counterfactual scatter were drawn: how a headless browser test sees that
+# every inlined image decoded, that none is shown too small to read, and that
+# the scatter is there.
 CHECK_IMAGES = ("<script>addEventListener('load',()=>{const d=document.body.dataset,"
                 "w=s=>Math.min(...[...document.querySelectorAll(s)].map(i=>i.getBoundingClientRect().width));"
                 "d.brokenImages=[...document.images].filter(i=>!i.complete||i.naturalWidth===0).length;"
-                "d.exampleWidth=w('.ex img');d.suspectWidth=w('.suspects img')})</script>")
+                "d.exampleWidth=w('.ex img');d.suspectWidth=w('.suspects img');"
+                "d.scatterPoints=[...document.querySelectorAll('svg.scatter circle')]"
+                ".filter(c=>c.getBoundingClientRect().width>0).length})</script>")
 
 
 def report(path, explanations, test_inputs=None, train_inputs=None, *, train_labels=None,
            test_labels=None, class_names=None, test_names=None, self_influence=None,
            suspects: int = 24, self_influence_method: str = "if", image_shape=None,
-           title: str = "exemplar report") -> Path:
+           evaluation=None, title: str = "exemplar report") -> Path:
     """Writes one self-contained HTML file (images inlined, nothing fetched).
 
     Arguments:
@@ -66,6 +72,9 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
         suspects: how many suspects to list (>= 1).
         self_influence_method: the method self_influence was computed by.
         image_shape: reshapes flat rows of inputs into images.
+        evaluation: an Evaluation (exemplar.lds or leave_one_out over the
+            same tests): a section with each method's value and interval,
+            and a scatter of one method's predictions against retraining.
         title: the page's title.
 
     Returns:
@@ -83,6 +92,7 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
              f"<style>{STYLE}</style>{CHECK_IMAGES}</head><body>",
              f"<h1>{html.escape(title)}</h1><nav><a href='#explanations'>Explanations ({T} tests)</a>"
              + ("<a href='#suspects'>Self-influence suspects</a>" if self_influence is not None else "")
+             + ("<a href='#counterfactual'>Counterfactual check</a>" if evaluation is not None else "")
              + "</nav>", "<div class='legend'><p>Proponents: training examples whose scores support the "
              "test's explained label (most positive first); opponents: those that oppose it (most negative "
              "first). Each is captioned with its training index (train #i, a row of the training set), its "
@@ -120,6 +130,10 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
         parts.append("</div></div>")
     if self_influence is not None:
         parts.append(_suspects(self_influence, suspects, self_influence_method, train, label_of, class_names))
+    if evaluation is not None:
+        if evaluation.actual.shape[0] != T:
+            raise ValueError(f"evaluation is over {evaluation.actual.shape[0]} tests, the explanations over {T}")
+        parts.append(section(evaluation, test_names))
     parts.append("</body></html>")
     path = Path(path)
     write_atomic(path, "".join(parts).encode("utf-8"))
