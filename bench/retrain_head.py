@@ -12,6 +12,7 @@ answer and each loop's.
 
     .venv/bin/python bench/retrain_head.py                    # digits (N=1,200, D=64, C=10), M=100
     .venv/bin/python bench/retrain_head.py --fashion          # + a 60,000-row head (D=576, C=10)
+    .venv/bin/python bench/retrain_head.py --smoke            # M = 5: CI's check that it runs
 
 Prints one JSON line per measurement (bench/RESULTS.md, "Ground truth for
 LDS"). With --fashion the loops run 3 subsets and are scaled to M (said in
@@ -77,25 +78,29 @@ def measure(name, train, test, subsets, loop_subsets):
         result.update({f"{loop}_loop_s": seconds, f"{loop}_max_output_diff": worst,
                        f"{loop}_subsets_timed": loop_subsets, f"speedup_vs_{loop}": seconds / batched})
     print(json.dumps(result), flush=True)
+    return result
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fashion", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="M = 5, loops of 2: checks the bench runs")
+    args = parser.parse_args(argv)
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X / 16.0), torch.tensor(y)
     zeros = lambda n: torch.zeros(n, 10, dtype=X.dtype)
-    measure("digits LR", exemplar.LastLayerData(X[:1200], zeros(1200), y[:1200]),
-            exemplar.LastLayerData(X[1200:], zeros(len(y) - 1200), y[1200:]), 100, 100)
+    M, loop = (5, 2) if args.smoke else (100, 100)
+    rows = [measure("digits LR", exemplar.LastLayerData(X[:1200], zeros(1200), y[:1200]),
+                    exemplar.LastLayerData(X[1200:], zeros(len(y) - 1200), y[1200:]), M, loop)]
     if args.fashion:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from experiments.lds import fashion_features
 
         _, train, test = fashion_features()
-        measure("Fashion-MNIST ConvNet head", train, test, 100, 3)
+        rows.append(measure("Fashion-MNIST ConvNet head", train, test, 100, 3))
+    return rows
 
 
 if __name__ == "__main__":

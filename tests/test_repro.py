@@ -19,6 +19,18 @@ def test_every_experiment_has_a_quick_test():
     assert set(EXPERIMENTS) <= tested
 
 
+def test_lds(out):
+    summary = run("lds", quick=True, out=out)
+    # digits LR against head retraining: IF with the objective's exact Hessian predicts retraining best
+    # (measured 0.965 vs EK-FAC 0.839, identity 0.389, grad-dot 0.389); leave-one-out Pearson 0.993
+    assert summary["lds/if/exact"] > 0.9 > summary["lds/if/ekfac"] > summary["lds/if/identity"] - 0.02
+    assert summary["lds/if/exact"] > summary["lds/grad_dot/exact"] + 0.3
+    assert summary["lds/if/exact"] > summary["lds/theta_relatif/exact"]  # RelatIF is not built to predict it
+    assert summary["loo/if/exact"] > 0.95
+    # the whole MLP retrained: last-layer IF predicts less of it than of head retraining (0.59 vs 0.94)
+    assert summary["head/if/exact"] > summary["whole/if/exact"] > summary["whole/knn/exact"]
+
+
 def test_barshan_table1(out):
     summary = run("barshan-table1", quick=True, out=out)
     (label, s), = summary.items()

@@ -45,9 +45,10 @@ class SubsetObjectives:
 
     def __init__(self, passes: Passes, masks: torch.Tensor, divisors: torch.Tensor, weight_decay: float,
                  progress: Progress | None = None):
-        self.passes, self.masks, self.weight_decay, self.progress = passes, masks, weight_decay, progress
-        self.divisors = divisors.double()
+        self.passes, self.masks, self.weight_decay, self.progress = passes, masks.cpu(), weight_decay, progress
         t = passes.train
+        self.device = t.device
+        self.divisors = divisors.double().to(self.device)
         self.C, self.Dp = t.num_classes, t.num_features + passes.bias
         self.passes_made = 0
 
@@ -56,8 +57,9 @@ class SubsetObjectives:
         m = len(which)
         step = max(64, CHUNK_ELEMENTS // max(m * self.C, 1))
         divisors = self.divisors[which]
+        rows_of = which.cpu()
         for rows in self.passes.rows(self.passes.own(), None):
-            mask = self.masks[which, rows.start:rows.start + len(rows)]
+            mask = self.masks[rows_of, rows.start:rows.start + len(rows)].to(self.device)
             for a in range(0, len(rows), step):
                 weights = mask[:, a:a + step].T.double() / divisors
                 yield rows.phi[a:a + step].double(), rows.labels[a:a + step], weights
@@ -68,15 +70,16 @@ class SubsetObjectives:
     def value_grad(self, theta: torch.Tensor, which: torch.Tensor):
         """f (m,) and the gradients (m, C, Dp) at theta (m, C, Dp)."""
         m, C, Dp = theta.shape
-        f = torch.zeros(m, dtype=torch.float64)
-        grad = torch.zeros(m * C, Dp, dtype=torch.float64)
+        f = torch.zeros(m, dtype=torch.float64, device=self.device)
+        grad = torch.zeros(m * C, Dp, dtype=torch.float64, device=self.device)
         flat = theta.reshape(m * C, Dp)
         for phi, labels, w in self._chunks(which):
             b = len(labels)
             logp = torch.log_softmax((phi @ flat.T).view(b, m, C), dim=2)
             index = labels.view(b, 1, 1).expand(b, m, 1)
             f -= (w * logp.gather(2, index).squeeze(2)).sum(0)
-            residual = logp.exp_().scatter_add_(2, index, torch.full((b, m, 1), -1.0, dtype=torch.float64))
+            residual = logp.exp_().scatter_add_(2, index, torch.full((b, m, 1), -1.0, dtype=torch.float64,
+                                                                                device=self.device))
             grad.addmm_((residual * w.unsqueeze(2)).view(b, m * C).T, phi)
         lam = self.weight_decay
         return f + 0.5 * lam * theta.square().sum((1, 2)), grad.view(m, C, Dp) + lam * theta
@@ -84,7 +87,7 @@ class SubsetObjectives:
     def hessian_times(self, theta: torch.Tensor, V: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """H_j(theta_j) V_j for every selected j: (m, C, Dp)."""
         m, C, Dp = theta.shape
-        out = torch.zeros(m * C, Dp, dtype=torch.float64)
+        out = torch.zeros(m * C, Dp, dtype=torch.float64, device=self.device)
         both = torch.cat([theta.reshape(m * C, Dp), V.reshape(m * C, Dp)])
         for phi, _, w in self._chunks(which):
             b = phi.shape[0]
@@ -136,10 +139,11 @@ def newton(objectives: SubsetObjectives, theta: torch.Tensor, which: torch.Tenso
         (theta (m, C, Dp), gradient norms (m,), Newton steps (m,)); a subset
         converged when its gradient norm is <= tol."""
     theta = centred(theta.double()).clone()
-    m = len(which)
+    m, device = len(which), theta.device
+    which = which.to(device)
     f, grad = objectives.value_grad(theta, which)
     norms = grad.flatten(1).norm(dim=1)
-    steps = torch.zeros(m, dtype=torch.int64)
+    steps = torch.zeros(m, dtype=torch.int64, device=device)
     active = torch.nonzero(norms > tol).flatten()  # positions in 0..m-1
     for _ in range(max_iter):
         if len(active) == 0:
@@ -152,8 +156,8 @@ def newton(objectives: SubsetObjectives, theta: torch.Tensor, which: torch.Tenso
 
         direction = conjugate_gradients(hessian_times, -g, precondition, rtol)
         slope = _dot(g, direction)
-        step = torch.ones(len(active), dtype=torch.float64)
-        pending = torch.arange(len(active))
+        step = torch.ones(len(active), dtype=torch.float64, device=device)
+        pending = torch.arange(len(active), device=device)
         for _ in range(MAX_HALVINGS):
             trial = th[pending] + step[pending].view(-1, 1, 1) * direction[pending]
             f_new, g_new = objectives.value_grad(trial, which[active[pending]])
@@ -169,7 +173,7 @@ def newton(objectives: SubsetObjectives, theta: torch.Tensor, which: torch.Tenso
             if len(pending) == 0:
                 break
         norms = grad.flatten(1).norm(dim=1)
-        stuck = torch.zeros(m, dtype=torch.bool)
+        stuck = torch.zeros(m, dtype=torch.bool, device=device)
         stuck[active[pending]] = True  # no step decreased f: leave it unconverged
         active = active[(norms[active] > tol) & ~stuck[active]]
     return theta, norms, steps

@@ -199,6 +199,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
     train_set.check_magnitude()
     passes = Passes(train_set, has_bias, ProcessGroup.single(), False)
     N, C, Dp = len(train_set), train_set.num_classes, train_set.num_features + has_bias
+    device = train_set.device
     test = check_test(test, train_set)
     if remove is not None:
         if not (isinstance(subsets, int) and subsets == 100 and fraction == 0.5):
@@ -210,12 +211,14 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != N or not len(masks):
             raise ValueError(f"subsets must be a count or an (M, N={N}) bool tensor, got "
                              f"{tuple(masks.shape)} {masks.dtype}")
+        masks = masks.cpu()
         divisors = masks.sum(1).double()
         if int(divisors.min()) == 0:
             raise ValueError(f"subsets[{int(divisors.argmin())}] holds no training row")
     divisors = torch.full((len(masks),), float(N), dtype=torch.float64) if divisors is None else divisors
     labels = test.explained_labels()
     phi_test = augment(test.features, has_bias).double()
+    labels_cpu, phi_test_cpu = labels.cpu(), phi_test.cpu()
     theta0 = theta_from_layer(weight, bias, passes)
     bar = Progress(f"retrain_head: {len(masks)} {kind}, passes over the training set", None, progress)
     start = time.monotonic()
@@ -231,15 +234,15 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
     def block(b):
         if b == 0:
             theta, norm, solve["at"] = _whole_refit(passes, theta0, weight_decay, preconditioner, tol, max_iter, bar)
-            return {"theta": theta, "gradient_norm": norm.view(1)}
+            return {"theta": theta.cpu(), "gradient_norm": norm.view(1).cpu()}
         if "at" not in solve:  # the refit was read back from the job folder
-            solve["at"] = _preconditioner(passes, parts[0]["theta"], weight_decay, preconditioner)
+            solve["at"] = _preconditioner(passes, parts[0]["theta"].to(device), weight_decay, preconditioner)
         which = torch.arange((b - 1) * batch, min(b * batch, len(masks)))
         objectives = SubsetObjectives(passes, masks, divisors, weight_decay, bar)
-        thetas, norms, steps = newton(objectives, parts[0]["theta"].expand(len(which), C, Dp), which,
+        thetas, norms, steps = newton(objectives, parts[0]["theta"].to(device).expand(len(which), C, Dp), which,
                                       solve["at"], tol, max_iter)
-        return {"outputs": log_softmax_target(thetas, phi_test, labels, target), "gradient_norm": norms,
-                "steps": steps}
+        return {"outputs": log_softmax_target(thetas, phi_test, labels, target).cpu(), "gradient_norm": norms.cpu(),
+                "steps": steps.cpu()}
 
     def expected(b):
         if b == 0:
@@ -260,7 +263,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         parts.append(part)
     bar.close()
     theta = parts[0]["theta"]
-    base = log_softmax_target(theta.unsqueeze(0), phi_test, labels, target)[0]
+    base = log_softmax_target(theta.unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
     outputs = torch.cat([p["outputs"] for p in parts[1:]])
     norms = torch.cat([p["gradient_norm"] for p in parts[1:]])
     excluded = _empty_classes(counts)
@@ -272,7 +275,8 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         raise RuntimeError(f"the refit on every training row did not converge (|gradient| "
                            f"{float(parts[0]['gradient_norm'][0]):.3g} > tol {tol:g} after {max_iter} Newton steps)")
     if theta0 is not None:
-        gap = float((log_softmax_target(theta0.unsqueeze(0), phi_test, labels, target)[0] - base).abs().max())
+        gap = float((log_softmax_target(theta0.cpu().unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
+                     - base).abs().max())
         meta["layer_gap"] = gap
         if gap > LAYER_GAP_WARNING:
             warnings.warn(f"the given layer's {target} on the test set differs from the refit's by up to {gap:.3g}: "
@@ -280,7 +284,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
                           "is weight_decay the one the layer was trained with?", stacklevel=2)
     meta.update(seconds=time.monotonic() - start, passes=bar.done,
                 steps=torch.cat([p["steps"] for p in parts[1:]]).tolist())
-    return Retraining(kind, masks, outputs, base, target, labels, excluded, meta, theta)
+    return Retraining(kind, masks, outputs, base, target, labels_cpu, excluded, meta, theta)
 
 
 def _class_counts(passes: Passes, masks: torch.Tensor) -> torch.Tensor:
@@ -288,7 +292,7 @@ def _class_counts(passes: Passes, masks: torch.Tensor) -> torch.Tensor:
     C = passes.train.num_classes
     counts = torch.zeros(len(masks) + 1, C, dtype=torch.float64)
     for rows in passes.rows(passes.own(), None, reuse=False):
-        onehot = torch.nn.functional.one_hot(rows.labels, C).double()
+        onehot = torch.nn.functional.one_hot(rows.labels.cpu(), C).double()
         counts[:-1] += masks[:, rows.start:rows.start + len(rows)].double() @ onehot
         counts[-1] += onehot.sum(0)
     return counts
@@ -308,7 +312,7 @@ def _whole_refit(passes: Passes, theta0, weight_decay: float, preconditioner: st
     row (from theta0, or from zero) and the damped inverse curvature at it."""
     t = passes.train
     N, C, Dp = len(t), t.num_classes, t.num_features + passes.bias
-    start = torch.zeros(C, Dp, dtype=torch.float64) if theta0 is None else centred(theta0)
+    start = torch.zeros(C, Dp, dtype=torch.float64, device=t.device) if theta0 is None else centred(theta0)
     whole = SubsetObjectives(passes, torch.ones(1, N, dtype=torch.bool), torch.tensor([float(N)]),
                              weight_decay, bar)
     solve = _preconditioner(passes, start, weight_decay, preconditioner)

@@ -68,15 +68,15 @@ def scatter(x: torch.Tensor, y: torch.Tensor) -> str:
         span = hi - lo if hi > lo else 1.0
         return lo_px + (v - lo) / span * (hi_px - lo_px), lo, hi
 
-    px, x0, x1 = scale(x, MARGIN, WIDTH - 12)
-    py, y0, y1 = scale(y, HEIGHT - MARGIN, 12)
+    px, x0, x1 = scale(x, MARGIN + 8, WIDTH - 16)  # inset: no point drawn on an axis
+    py, y0, y1 = scale(y, HEIGHT - MARGIN - 8, 16)
     dots = "".join(f"<circle cx='{a:.1f}' cy='{b:.1f}' r='3'/>" for a, b in zip(px.tolist(), py.tolist()))
     axes = (f"<line x1='{MARGIN}' y1='{HEIGHT - MARGIN}' x2='{WIDTH - 12}' y2='{HEIGHT - MARGIN}'/>"
             f"<line x1='{MARGIN}' y1='{HEIGHT - MARGIN}' x2='{MARGIN}' y2='12'/>")
-    ticks = (f"<text x='{MARGIN}' y='{HEIGHT - MARGIN + 16}'>{x0:.3g}</text>"
-             f"<text x='{WIDTH - 12}' y='{HEIGHT - MARGIN + 16}' text-anchor='end'>{x1:.3g}</text>"
+    ticks = (f"<text x='{MARGIN + 8}' y='{HEIGHT - MARGIN + 16}' text-anchor='middle'>{x0:.3g}</text>"
+             f"<text x='{WIDTH - 16}' y='{HEIGHT - MARGIN + 16}' text-anchor='middle'>{x1:.3g}</text>"
              f"<text x='{WIDTH / 2}' y='{HEIGHT - 8}' text-anchor='middle'>predicted</text>"
-             f"<text x='{MARGIN - 4}' y='{HEIGHT - MARGIN}' text-anchor='end'>{y0:.3g}</text>"
+             f"<text x='{MARGIN - 4}' y='{HEIGHT - MARGIN - 4}' text-anchor='end'>{y0:.3g}</text>"
              f"<text x='{MARGIN - 4}' y='20' text-anchor='end'>{y1:.3g}</text>"
              f"<text x='14' y='{HEIGHT / 2}' transform='rotate(-90 14 {HEIGHT / 2})' "
              "text-anchor='middle'>actual</text>")
