@@ -41,8 +41,8 @@ def refit_head(train: exemplar.LastLayerData, test: exemplar.LastLayerData, weig
             exemplar.LastLayerData(test.features, logits(test), test.labels))
 
 
-def head_rows(name: str, train, test, theta, results: Results, subsets: int, removals: int) -> dict:
-    """LDS (and leave-one-out) per method x curvature against head retraining."""
+def head_rows(key: str, name: str, train, test, theta, results: Results, subsets: int, removals: int) -> dict:
+    """LDS (and leave-one-out) per method x curvature against head retraining; summary keys start with key."""
     W, b = theta[:, :-1], theta[:, -1]
     start = time.monotonic()
     truth = exemplar.retrain_head(train, test, WEIGHT_DECAY, weight=W, bias=b, subsets=subsets)
@@ -74,15 +74,15 @@ def head_rows(name: str, train, test, theta, results: Results, subsets: int, rem
                 "the exact column.\n\n" + table(["method", *CURVATURES], rows)
                 + "\n\nScoring time per curvature (fit + every method's LDS): "
                 + ", ".join(f"{c} {s:.1f} s" for c, s in seconds.items()))
-    summary = {f"lds/{m}/{c}": r.value for (m, c), r in lds.items()}
+    summary = {f"{key}/lds/{m}/{c}": r.value for (m, c), r in lds.items()}
     if loo is not None:
         rows = [[m, *(f"{loo_r[m, c].value:.3f} / {loo_r[m, c].spearman:.3f}" if (m, c) in loo_r else ""
                       for c in ("exact", "ekfac"))] for m in CURVED + FLAT]
         results.add(f"Leave-one-out ({loo.summary()}, {loo_s:.1f} s): Pearson / Spearman over all "
                     "(test, removed row) pairs between the score and the effect of keeping the row.\n\n"
                     + table(["method", "exact", "ekfac"], rows))
-        summary.update({f"loo/{m}/{c}": r.value for (m, c), r in loo_r.items()})
-    summary[f"truth_s/{name}"] = truth_s
+        summary.update({f"{key}/loo/{m}/{c}": r.value for (m, c), r in loo_r.items()})
+    summary[f"{key}/truth_s"] = truth_s
     return summary
 
 
@@ -94,7 +94,7 @@ def digits_lr(quick: bool, results: Results) -> dict:
     train0 = exemplar.LastLayerData(X[:1200], torch.zeros(1200, 10, dtype=X.dtype), y[:1200])
     test0 = exemplar.LastLayerData(X[1200:], torch.zeros(len(y) - 1200, 10, dtype=X.dtype), y[1200:])
     theta, train, test = refit_head(train0, test0, None, True)
-    return head_rows("scikit-learn digits, logistic regression", train, test, theta, results, 100, 100)
+    return head_rows("digits", "scikit-learn digits, logistic regression", train, test, theta, results, 100, 100)
 
 
 def fashion_features(tests: int = 1000):
@@ -111,7 +111,7 @@ def fashion_features(tests: int = 1000):
 def fashion_head(quick: bool, results: Results) -> dict:
     hook, train0, test0 = fashion_features()
     theta, train, test = refit_head(train0, test0, hook.weight.double(), hook.bias.double())
-    return head_rows("Fashion-MNIST ConvNet head", train, test, theta, results, 100, 0)
+    return head_rows("fashion", "Fashion-MNIST ConvNet head", train, test, theta, results, 100, 0)
 
 
 def imdb_head(quick: bool, results: Results) -> dict:
@@ -131,7 +131,7 @@ def imdb_head(quick: bool, results: Results) -> dict:
     tested = hook.collect([test_batch], progress=False)
     as64 = lambda d: exemplar.LastLayerData(d.features.double(), d.logits.double(), d.labels)
     theta, train, test = refit_head(as64(collected), as64(tested), hook.weight.double(), hook.bias.double())
-    return head_rows("IMDB BERT head", train, test, theta, results, 100, 0)
+    return head_rows("imdb", "IMDB BERT head", train, test, theta, results, 100, 0)
 
 
 def mlp(width: int = 64) -> nn.Module:

@@ -256,6 +256,8 @@ def leave_one_out(attr, test, truth: Retraining, methods=None, confidence: float
         sums = torch.stack([torch.full((len(x),), float(x.shape[1]), dtype=torch.float64), x.sum(1), y.sum(1),
                             (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)], 1)  # per test
         value = float(_pooled_pearson(sums.sum(0)))
+        if value != value:
+            raise ValueError(f"{method}: the scores or the effects are the same for every pair; no correlation")
         spearman = float(pearson_rows(average_ranks(x.reshape(1, -1)), average_ranks(y.reshape(1, -1)))[0])
         resampled = _pooled_pearson(counts[:, finite] @ sums)
         out[method] = Correlation(method, value, *_interval(resampled, confidence), per_test, scores,
