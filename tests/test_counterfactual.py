@@ -269,6 +269,8 @@ def test_empty_classes_and_unconverged_retrains_are_recorded_and_left_out():
     attr = exemplar.Attributor(train, curvature="exact", damping=LAMBDA)
     with pytest.raises(ValueError, match="only 0 of 4 retrains are usable"):
         exemplar.lds(attr, test, slow)
+    with pytest.raises(ValueError, match="the refit on every training row did not converge"):
+        exemplar.retrain_head(train, test, LAMBDA, subsets=4, max_iter=1)  # from zero: one step is not enough
 
 
 def test_constant_outputs_leave_tests_out_with_a_reason():

@@ -261,6 +261,10 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
             if folder is not None:
                 folder.save(b, part)
         parts.append(part)
+        if b == 0 and float(part["gradient_norm"][0]) > tol:  # before any subset is solved from it
+            raise ValueError(f"the refit on every training row did not converge (|gradient| "
+                             f"{float(part['gradient_norm'][0]):.3g} > tol {tol:g} after {max_iter} Newton steps): "
+                             "raise max_iter or tol")
     bar.close()
     theta = parts[0]["theta"]
     base = log_softmax_target(theta.unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
@@ -271,9 +275,6 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         excluded.setdefault(j, f"did not converge: |gradient| {float(norms[j]):.2g} > tol {tol:g}")
     for j in torch.nonzero(~torch.isfinite(outputs).all(1)).flatten().tolist():
         excluded.setdefault(j, "non-finite outputs")
-    if float(parts[0]["gradient_norm"][0]) > tol:
-        raise RuntimeError(f"the refit on every training row did not converge (|gradient| "
-                           f"{float(parts[0]['gradient_norm'][0]):.3g} > tol {tol:g} after {max_iter} Newton steps)")
     if theta0 is not None:
         gap = float((log_softmax_target(theta0.cpu().unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
                      - base).abs().max())
@@ -315,11 +316,19 @@ def _whole_refit(passes: Passes, theta0, weight_decay: float, preconditioner: st
     start = torch.zeros(C, Dp, dtype=torch.float64, device=t.device) if theta0 is None else centred(theta0)
     whole = SubsetObjectives(passes, torch.ones(1, N, dtype=torch.bool), torch.tensor([float(N)]),
                              weight_decay, bar)
-    solve = _preconditioner(passes, start, weight_decay, preconditioner)
-    theta, norms, _ = newton(whole, start.unsqueeze(0), torch.tensor([0]), solve, tol, max_iter)
-    if theta0 is None:  # the curvature at zero is a poorer one; refit it at the minimum
-        solve = _preconditioner(passes, theta[0], weight_decay, preconditioner)
-    return theta[0], norms[0], solve
+    if theta0 is not None:
+        solve = _preconditioner(passes, start, weight_decay, preconditioner)
+        theta, norms, _ = newton(whole, start.unsqueeze(0), torch.tensor([0]), solve, tol, max_iter)
+        return theta[0], norms[0], solve
+    # From zero the curvature changes by orders of magnitude on the way (uniform p at zero, confident
+    # p at the minimum): EK-FAC (two passes) is refitted at every Newton step, the chosen one at the end.
+    theta = start.unsqueeze(0)
+    for _ in range(max_iter):
+        solve = _preconditioner(passes, theta[0], weight_decay, "ekfac")
+        theta, norms, _ = newton(whole, theta, torch.tensor([0]), solve, tol, 1)
+        if float(norms[0]) <= tol:
+            break
+    return theta[0], norms[0], _preconditioner(passes, theta[0], weight_decay, preconditioner)
 
 
 def _preconditioner(passes: Passes, theta: torch.Tensor, weight_decay: float, choice: str):
