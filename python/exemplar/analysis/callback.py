@@ -9,7 +9,6 @@ import os
 
 import torch
 
-from ..progress import Progress
 from ..storage.jobs import ResultFolder, resumable
 from ..storage.saved import digest
 from .retraining import Retraining, check_target, integer, random_subsets
@@ -70,16 +69,8 @@ def retrain_model(retrain, num_train: int, num_tests: int, *, subsets: int = 100
     expected = lambda j: {"outputs": ((num_tests,), torch.float64)}
     meta = dict(kind="subsets", N=num_train, T=num_tests, seed=seed, fraction=fraction, target=target,
                 masks=digest(masks)[:16], train=None, test=None)
-    if out is None:
-        bar = Progress("retrain_model: subsets", subsets, progress)
-        parts = []
-        for j in range(subsets):
-            parts.append(block(j))
-            bar.update()
-        bar.close()
-    else:
-        parts = resumable(ResultFolder(out, {"job": "retrain_model", **meta}), subsets, block, expected,
-                          num_train, "retrain_model: subsets", progress)
+    folder = None if out is None else ResultFolder(out, {"job": "retrain_model", **meta})
+    parts = resumable(folder, subsets, block, expected, num_train, "retrain_model: subsets", progress)
     outputs = torch.stack([p["outputs"] for p in parts])
     bad = torch.nonzero(~torch.isfinite(outputs).all(1)).flatten().tolist()
     excluded = {j: f"non-finite outputs for {int((~torch.isfinite(outputs[j])).sum())} tests" for j in bad}

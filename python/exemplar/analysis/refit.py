@@ -50,7 +50,6 @@ class SubsetObjectives:
         self.device = t.device
         self.divisors = divisors.double().to(self.device)
         self.C, self.Dp = t.num_classes, t.num_features + passes.bias
-        self.passes_made = 0
 
     def _chunks(self, which: torch.Tensor):
         """(phi (b, Dp) float64, labels (b,), weights (b, m) = m_ji / n_j) per chunk of rows."""
@@ -63,7 +62,6 @@ class SubsetObjectives:
             for a in range(0, len(rows), step):
                 weights = mask[:, a:a + step].T.double() / divisors
                 yield rows.phi[a:a + step].double(), rows.labels[a:a + step], weights
-        self.passes_made += 1
         if self.progress is not None:
             self.progress.update()
 
@@ -179,7 +177,7 @@ def newton(objectives: SubsetObjectives, theta: torch.Tensor, which: torch.Tenso
     return theta, norms, steps
 
 
-def log_softmax_target(theta: torch.Tensor, phi: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
+def target_outputs(theta: torch.Tensor, phi: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
     """The output a retrained layer theta (m, C, Dp) gives each test (phi (T, Dp)
     float64, labels (T,)): "log_prob" log p(label), "prob" p(label), or
     "margin" z_label - logsumexp of the other logits = log(p / (1 - p)). (m, T)."""

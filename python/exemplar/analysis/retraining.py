@@ -34,10 +34,9 @@ from ..progress import Progress
 from ..storage import StoreError
 from ..storage.jobs import ResultFolder
 from ..storage.saved import digest
-from .refit import SubsetObjectives, centred, log_softmax_target, newton
+from .refit import SubsetObjectives, newton, target_outputs
 
 TARGETS = ("log_prob", "margin", "prob")
-KINDS = ("subsets", "removals")
 # The given layer's outputs may differ from the refit's by this much (in the
 # target's units) before retrain_head warns that they describe different models.
 LAYER_GAP_WARNING = 1e-2
@@ -241,7 +240,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         objectives = SubsetObjectives(passes, masks, divisors, weight_decay, bar)
         thetas, norms, steps = newton(objectives, parts[0]["theta"].to(device).expand(len(which), C, Dp), which,
                                       solve["at"], tol, max_iter)
-        return {"outputs": log_softmax_target(thetas, phi_test, labels, target).cpu(), "gradient_norm": norms.cpu(),
+        return {"outputs": target_outputs(thetas, phi_test, labels, target).cpu(), "gradient_norm": norms.cpu(),
                 "steps": steps.cpu()}
 
     def expected(b):
@@ -267,7 +266,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
                              "raise max_iter or tol")
     bar.close()
     theta = parts[0]["theta"]
-    base = log_softmax_target(theta.unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
+    base = target_outputs(theta.unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
     outputs = torch.cat([p["outputs"] for p in parts[1:]])
     norms = torch.cat([p["gradient_norm"] for p in parts[1:]])
     excluded = _empty_classes(counts)
@@ -276,7 +275,7 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
     for j in torch.nonzero(~torch.isfinite(outputs).all(1)).flatten().tolist():
         excluded.setdefault(j, "non-finite outputs")
     if theta0 is not None:
-        gap = float((log_softmax_target(theta0.cpu().unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
+        gap = float((target_outputs(theta0.cpu().unsqueeze(0), phi_test_cpu, labels_cpu, target)[0]
                      - base).abs().max())
         meta["layer_gap"] = gap
         if gap > LAYER_GAP_WARNING:
@@ -313,7 +312,7 @@ def _whole_refit(passes: Passes, theta0, weight_decay: float, preconditioner: st
     row (from theta0, or from zero) and the damped inverse curvature at it."""
     t = passes.train
     N, C, Dp = len(t), t.num_classes, t.num_features + passes.bias
-    start = torch.zeros(C, Dp, dtype=torch.float64, device=t.device) if theta0 is None else centred(theta0)
+    start = torch.zeros(C, Dp, dtype=torch.float64, device=t.device) if theta0 is None else theta0
     whole = SubsetObjectives(passes, torch.ones(1, N, dtype=torch.bool), torch.tensor([float(N)]),
                              weight_decay, bar)
     if theta0 is not None:

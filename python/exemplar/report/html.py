@@ -82,6 +82,8 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
     explanations, T = by_heading(explanations, test_names, test_labels)
     if isinstance(suspects, bool) or not isinstance(suspects, int) or suspects < 1:
         raise ValueError(f"suspects must be an integer >= 1, got {suspects!r}")
+    if evaluation is not None and evaluation.actual.shape[0] != T:
+        raise ValueError(f"evaluation is over {evaluation.actual.shape[0]} tests, the explanations over {T}")
     tests, train = Examples(test_inputs, image_shape), Examples(train_inputs, image_shape)
     first = next(iter(explanations.values()))
 
@@ -131,8 +133,6 @@ def report(path, explanations, test_inputs=None, train_inputs=None, *, train_lab
     if self_influence is not None:
         parts.append(_suspects(self_influence, suspects, self_influence_method, train, label_of, class_names))
     if evaluation is not None:
-        if evaluation.actual.shape[0] != T:
-            raise ValueError(f"evaluation is over {evaluation.actual.shape[0]} tests, the explanations over {T}")
         parts.append(section(evaluation, test_names))
     parts.append("</body></html>")
     path = Path(path)

@@ -85,19 +85,21 @@ def _own_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def resumable(folder: ResultFolder, blocks: int, compute, expected, N: int, label: str, progress: bool | None,
-              all_have=lambda have: have) -> list[dict[str, torch.Tensor]]:
+def resumable(folder: ResultFolder | None, blocks: int, compute, expected, N: int, label: str,
+              progress: bool | None, all_have=lambda have: have) -> list[dict[str, torch.Tensor]]:
     """Each of `blocks` results: the one in `folder` (checked against
     expected(b)), or compute(b) written there as soon as it is done, so a
-    killed job loses at most one block. all_have(have) -> bool decides
+    killed job loses at most one block (folder None: every block computed,
+    nothing written). all_have(have) -> bool decides
     together with the other ranks whether a block is read or computed (every
     rank must compute it when any lacks it)."""
     done, bar = [], Progress(label, blocks, progress)
     for b in range(blocks):
-        result = folder.load(b, expected(b), N)
+        result = None if folder is None else folder.load(b, expected(b), N)
         if not all_have(result is not None):
             result = compute(b)
-            folder.save(b, result)
+            if folder is not None:
+                folder.save(b, result)
         done.append(result)
         bar.update()
     bar.close()
