@@ -204,6 +204,18 @@ def test_retrain_head_job_folder_resumes_and_refuses_another_job(tmp_path, monke
         exemplar.retrain_head(train, test, 0.1, weight=W, bias=b, subsets=6, batch=2, out=tmp_path / "job")
 
 
+def test_retrain_head_job_recomputes_a_lost_block_as_an_uninterrupted_run_would(tmp_path):
+    train, test, W, b = fitted_data(n=60)
+    first = exemplar.retrain_head(train, test, LAMBDA, weight=W, bias=b, subsets=6, batch=2, out=tmp_path / "job")
+    block = tmp_path / "job" / "block-00002.safetensors"
+    block.write_bytes(block.read_bytes()[:100])  # truncated
+    with pytest.raises(StoreError, match="block-00002.safetensors is not a readable result block"):
+        exemplar.retrain_head(train, test, LAMBDA, weight=W, bias=b, subsets=6, batch=2, out=tmp_path / "job")
+    block.unlink()  # lost: recomputed from the refit read back, with the same preconditioner
+    again = exemplar.retrain_head(train, test, LAMBDA, weight=W, bias=b, subsets=6, batch=2, out=tmp_path / "job")
+    assert torch.equal(again.outputs, first.outputs)
+
+
 def test_retrain_model_writes_each_subset_and_resumes_after_a_kill(tmp_path):
     train, test, W, b = fitted_data(n=60)
     phi = with_bias(train.features)

@@ -234,8 +234,9 @@ def retrain_head(train, test, weight_decay: float, *, weight: torch.Tensor | Non
         if b == 0:
             theta, norm, solve["at"] = _whole_refit(passes, theta0, weight_decay, preconditioner, tol, max_iter, bar)
             return {"theta": theta.cpu(), "gradient_norm": norm.view(1).cpu()}
-        if "at" not in solve:  # the refit was read back from the job folder
-            solve["at"] = _preconditioner(passes, parts[0]["theta"].to(device), weight_decay, preconditioner)
+        if "at" not in solve:  # the refit was read back from the job folder: the same preconditioner again
+            at = parts[0]["theta"].to(device) if theta0 is None else theta0
+            solve["at"] = _preconditioner(passes, at, weight_decay, preconditioner)
         which = torch.arange((b - 1) * batch, min(b * batch, len(masks)))
         objectives = SubsetObjectives(passes, masks, divisors, weight_decay, bar)
         thetas, norms, steps = newton(objectives, parts[0]["theta"].to(device).expand(len(which), C, Dp), which,
@@ -309,7 +310,8 @@ def _empty_classes(counts: torch.Tensor) -> dict[int, str]:
 def _whole_refit(passes: Passes, theta0, weight_decay: float, preconditioner: str, tol: float, max_iter: int,
                  bar: Progress):
     """(theta, its gradient norm, the preconditioner): the layer refit on every
-    row (from theta0, or from zero) and the damped inverse curvature at it."""
+    row and the damped inverse curvature at theta0 when given (close to the
+    refit, and known before it), else at the refit, reached from zero."""
     t = passes.train
     N, C, Dp = len(t), t.num_classes, t.num_features + passes.bias
     start = torch.zeros(C, Dp, dtype=torch.float64, device=t.device) if theta0 is None else theta0
