@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -64,79 +65,202 @@ struct RowState {
   }
 };
 
+// The pair loops below run once per (test, training row): built for the
+// CPU's widest vectors too (AVX2, AVX-512) and picked at load time, since the
+// extension is compiled for the baseline x86-64.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EXEMPLAR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EXEMPLAR_CPU_CLONES
+#endif
+
+inline float bf16_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+
+// Each loop below writes, for every pair, a number at least its upper bound
+// and, per block of kBlock training rows, the largest: the threshold scan
+// then reads only the blocks that reach the row's threshold, and computes the
+// bounds of the pairs that do in float64 (Pairs::bounds).
+constexpr int64_t kBlock = 64;
+
+// Eight running maxima per block, so the compare chain does not serialise
+// (one running maximum made this scan cost more than the filter itself).
+EXEMPLAR_CPU_CLONES void block_maxima(const float* hi, int64_t nt, float* maxima) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t b0 = 0; b0 < nt; b0 += kBlock) {
+    const int64_t b1 = std::min(nt, b0 + kBlock);
+    float most = hi[b0];
+    if (b1 - b0 == kBlock) {
+      float lane[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] = hi[b0 + l];
+      for (int64_t i = b0 + kLanes; i < b1; i += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) lane[l] = hi[i + l] > lane[l] ? hi[i + l] : lane[l];
+      }
+      for (int64_t l = 0; l < kLanes; ++l) most = lane[l] > most ? lane[l] : most;
+    } else {
+      for (int64_t i = b0 + 1; i < b1; ++i) most = hi[i] > most ? hi[i] : most;
+    }
+    maxima[b0 / kBlock] = most;
+  }
+}
+
+// The general and rank-1 paths over-estimate the float64 upper bound in
+// float32, twice as many lanes per instruction: the same formula, its
+// nonnegative part (the bound b and |s|) raised by kFilterSlack, which is
+// far more than the ~16 float32 roundings of the evaluation can take away
+// (each at most 2^-24 of |s| + b), plus kFilterFloor for what float32 loses
+// to underflow. This holds while every training row's scale is a normal float
+// well inside float32 (filter_applies); a tile where it is not passes every
+// pair to the float64 bounds.
+constexpr float kFilterSlack = 0x1p-16f, kFilterFloor = 0x1p-120f;
+inline bool filter_applies(const at::Tensor& scale) { return scale.min().item<double>() >= 0x1p-100; }
+
+EXEMPLAR_CPU_CLONES void general_filter(GeneralPair pair, const uint16_t* sc, const float* w, const float* scale,
+                                        float sign, int64_t nt, float* hi) {
+  const float up = 1 + kFilterSlack;
+  const float eps = up * static_cast<float>(pair.eps), out = up * static_cast<float>(pair.out) + kFilterSlack,
+              floor = up * static_cast<float>(pair.floor);
+#pragma omp simd
+  for (int64_t i = 0; i < nt; ++i) {
+    const float s = bf16_float(sc[i]);
+    hi[i] = (sign * s + (out * std::fabs(s) + (eps * w[i] + floor))) * scale[i] + kFilterFloor;
+  }
+}
+
+// Rank 1: LowRankPair::term and finish in float32 (the partial sums stay in registers).
+EXEMPLAR_CPU_CLONES void rank1_filter(LowRankPair pair, const uint16_t* a, const uint16_t* c, float an, float bn,
+                                      const float* rn, const float* pn, const float* scale, float sign, int64_t nt,
+                                      float* hi) {
+  const float up = 1 + kFilterSlack;
+  const float left = static_cast<float>(pair.left.eps) * an, left_out = static_cast<float>(pair.left.out),
+              left_floor = static_cast<float>(pair.left.floor);
+  const float right = static_cast<float>(pair.right.eps) * bn, right_out = static_cast<float>(pair.right.out),
+              right_floor = static_cast<float>(pair.right.floor);
+  const float size_slack = static_cast<float>(kSlack + pair.rescore);
+#pragma omp simd
+  for (int64_t i = 0; i < nt; ++i) {
+    const float x = bf16_float(a[i]), y = bf16_float(c[i]), ax = std::fabs(x), ay = std::fabs(y);
+    const float ea = left * rn[i] + (left_out * ax + left_floor);
+    const float ec = right * pn[i] + (right_out * ay + right_floor);
+    const float xs = ax + ea, ys = ay + ec, xy = x * y;
+    const float bound = ea * ay + xs * ec + size_slack * (xs * ys) + 0x1p-126f;
+    hi[i] = (sign * xy + kFilterSlack * std::fabs(xy) + up * bound) * scale[i] + kFilterFloor;
+  }
+}
+
+// m terms (float64): terms outer, training rows inner, partial sums kept per
+// row for the bounds of the pairs that pass.
+EXEMPLAR_CPU_CLONES void low_rank_upper(LowRankPair pair, const uint16_t* a, const uint16_t* c, const float* an,
+                                        const float* bn, const float* rn, const float* pn, const double* scale,
+                                        double sign, int64_t m, int64_t nt, LowRankPair::Partial* partial,
+                                        float* hi) {
+  std::fill(partial, partial + nt, LowRankPair::Partial{});
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t i = 0; i < nt; ++i) {
+      pair.term(bf16_float(a[j * nt + i]), bf16_float(c[j * nt + i]), an[j], bn[j], rn[i], pn[i], partial[i]);
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < nt; ++i) {
+    double s, b;
+    pair.finish(partial[i], scale[i], s, b);
+    const double h = sign * s + b;  // raised before rounding to float32, so no less than h
+    hi[i] = static_cast<float>(h + std::fabs(h) * 0x1p-22 + 0x1p-140);
+  }
+}
+
+// One test row's pairs with the loaded training tile: the blocks' largest
+// upper bounds, and one pair's two bounds.
+struct Pairs {
+  const Bf16Screen& screen;
+  const uint16_t* first;  // general: the screened scores; low rank: the left GEMM
+  const void* second;     // general: w (float32); low rank: the right GEMM (bf16)
+  const double* scale;
+  double sign;
+  int64_t t0, t, nt;
+
+  // scale_f: the tile's scales in float32, undefined where the filter does not apply.
+  void upper(const at::Tensor& scale_f, float* hi, float* maxima, LowRankPair::Partial* partial) const {
+    const int64_t m = screen.terms();
+    if ((screen.general() || m == 1) && !scale_f.defined()) {
+      std::fill(hi, hi + nt, std::numeric_limits<float>::infinity());
+    } else if (screen.general()) {
+      general_filter(screen.general_pair(), first + t * nt, static_cast<const float*>(second) + t * nt,
+                     scale_f.const_data_ptr<float>(), static_cast<float>(sign), nt, hi);
+    } else {
+      const auto* c = static_cast<const uint16_t*>(second) + t * m * nt;
+      const float* an = screen.test_norms().const_data_ptr<float>() + (t0 + t) * m;
+      const float* bn = screen.test_right_norms().const_data_ptr<float>() + (t0 + t) * m;
+      const float* rn = screen.train_norms().const_data_ptr<float>();
+      const float* pn = screen.train_right_norms().const_data_ptr<float>();
+      if (m == 1) {
+        rank1_filter(screen.low_rank_pair(), first + t * nt, c, an[0], bn[0], rn, pn, scale_f.const_data_ptr<float>(),
+                     static_cast<float>(sign), nt, hi);
+      } else {
+        low_rank_upper(screen.low_rank_pair(), first + t * m * nt, c, an, bn, rn, pn, scale, sign, m, nt, partial,
+                       hi);
+      }
+    }
+    block_maxima(hi, nt, maxima);
+  }
+
+  std::pair<double, double> bounds(int64_t i, const LowRankPair::Partial* partial) const {
+    double s, b;
+    if (screen.general()) {
+      screen.general_pair()(bf16_float(first[t * nt + i]), static_cast<const float*>(second)[t * nt + i], scale[i],
+                            s, b);
+    } else if (screen.terms() == 1) {
+      LowRankPair::Partial one;
+      screen.low_rank_pair().term(bf16_float(first[t * nt + i]), bf16_float(static_cast<const uint16_t*>(second)[t * nt + i]),
+                                  screen.test_norms().const_data_ptr<float>()[t0 + t],
+                                  screen.test_right_norms().const_data_ptr<float>()[t0 + t],
+                                  screen.train_norms().const_data_ptr<float>()[i],
+                                  screen.train_right_norms().const_data_ptr<float>()[i], one);
+      screen.low_rank_pair().finish(one, scale[i], s, b);
+    } else {
+      screen.low_rank_pair().finish(partial[i], scale[i], s, b);
+    }
+    return {sign * s - b, sign * s + b};
+  }
+};
+
 class CpuConsumer {
  public:
   CpuConsumer(const Bf16Screen& screen, int64_t k, bool largest)
       : k_(static_cast<size_t>(k)), sign_(largest ? 1.0 : -1.0),
         capacity_(static_cast<size_t>(candidate_capacity(screen.train_rows(), k))), rows_(screen.tests()) {}
 
-  // Two passes per row: every pair's bounds (a loop the compiler vectorises),
-  // then the few whose upper bound reaches the threshold go to the heap.
+  // Per test row: every pair's upper bound (upper_bounds, vectorised), then
+  // only the pairs whose upper bound reaches the row's threshold get their
+  // lower bound and go to the heap: the threshold settles within the first
+  // tile, after which a few pairs in a thousand pass.
   void consume(const Bf16Screen& screen, int64_t n0, int64_t nt, int64_t t0, int64_t tb,
                const std::pair<at::Tensor, at::Tensor>& tile) {
     const double* scale = screen.scale().const_data_ptr<double>();
-    const auto* first = reinterpret_cast<const c10::BFloat16*>(tile.first.const_data_ptr());
-    const auto* second = tile.second.const_data_ptr();
+    const auto* first = static_cast<const uint16_t*>(tile.first.const_data_ptr());
     const int64_t m = screen.terms();
+    const auto scale_f = filter_applies(screen.scale()) ? screen.scale().to(at::kFloat) : at::Tensor();
     at::parallel_for(0, tb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> lo(nt), hi(nt);
-      std::vector<LowRankPair::Partial> partial(screen.general() || screen.terms() == 1 ? 0 : nt);
+      std::vector<float> hi(nt), maxima((nt + kBlock - 1) / kBlock);
+      std::vector<LowRankPair::Partial> partial(m > 1 ? nt : 0);
       for (int64_t t = begin; t < end; ++t) {
-        if (screen.general()) {
-          const GeneralPair pair = screen.general_pair();
-          const c10::BFloat16* sc = first + t * nt;
-          const float* w = static_cast<const float*>(second) + t * nt;
-          for (int64_t i = 0; i < nt; ++i) {
-            double s, b;
-            pair(static_cast<float>(sc[i]), w[i], scale[i], s, b);
-            lo[i] = sign_ * s - b;
-            hi[i] = sign_ * s + b;
-          }
-        } else {  // terms outer, training rows inner, so the inner loops vectorise
-          const LowRankPair pair = screen.low_rank_pair();
-          const auto* c_tile = static_cast<const c10::BFloat16*>(second);
-          const float* an = screen.test_norms().const_data_ptr<float>() + (t0 + t) * m;
-          const float* bn = screen.test_right_norms().const_data_ptr<float>() + (t0 + t) * m;
-          const float* rn = screen.train_norms().const_data_ptr<float>();
-          const float* pn = screen.train_right_norms().const_data_ptr<float>();
-          // rank 1: one pass with the partial sums in registers; the whole rank-1 screen
-          // took 1.03-1.05 s this way against 1.37 s through the m-term loop (W-CPU, best of 7)
-          if (m == 1) {
-            const c10::BFloat16* a = first + t * nt;
-            const c10::BFloat16* c = c_tile + t * nt;
-            for (int64_t i = 0; i < nt; ++i) {
-              LowRankPair::Partial one;
-              pair.term(static_cast<float>(a[i]), static_cast<float>(c[i]), an[0], bn[0], rn[i], pn[i], one);
-              double s, b;
-              pair.finish(one, scale[i], s, b);
-              lo[i] = sign_ * s - b;
-              hi[i] = sign_ * s + b;
-            }
-          } else {
-            std::fill(partial.begin(), partial.end(), LowRankPair::Partial{});
-            for (int64_t j = 0; j < m; ++j) {
-              const c10::BFloat16* a = first + (t * m + j) * nt;
-              const c10::BFloat16* c = c_tile + (t * m + j) * nt;
-              for (int64_t i = 0; i < nt; ++i) {
-                pair.term(static_cast<float>(a[i]), static_cast<float>(c[i]), an[j], bn[j], rn[i], pn[i],
-                          partial[i]);
-              }
-            }
-            for (int64_t i = 0; i < nt; ++i) {
-              double s, b;
-              pair.finish(partial[i], scale[i], s, b);
-              lo[i] = sign_ * s - b;
-              hi[i] = sign_ * s + b;
-            }
-          }
-        }
+        const Pairs pairs{screen, first, tile.second.const_data_ptr(), scale, sign_, t0, t, nt};
+        pairs.upper(scale_f, hi.data(), maxima.data(), partial.data());
         RowState& row = rows_[t0 + t];
         double threshold = row.threshold(k_);
-        for (int64_t i = 0; i < nt; ++i) {
-          if (hi[i] < threshold) continue;
-          row.offer(k_, lo[i], hi[i], n0 + i);
-          row.cap(k_, capacity_);
-          threshold = row.threshold(k_);
+        for (int64_t b0 = 0; b0 < nt; b0 += kBlock) {
+          if (maxima[b0 / kBlock] < threshold) continue;
+          for (int64_t i = b0; i < std::min(nt, b0 + kBlock); ++i) {
+            if (hi[i] < threshold) continue;
+            const auto [lower, upper] = pairs.bounds(i, partial.data());
+            row.offer(k_, lower, upper, n0 + i);
+            row.cap(k_, capacity_);
+            threshold = row.threshold(k_);
+          }
         }
       }
     });
