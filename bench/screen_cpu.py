@@ -95,7 +95,7 @@ def measure(path, left, train, k, rounds) -> dict:
     # rounding is a reordered near-tie; any other difference would be a wrong answer.
     differ = indices != exact[1]
     agree = (values - exact[0]).abs() <= 1e-5 * exact[0].abs().amax(1, keepdim=True)
-    depth = left[0][0].numel() if general else 0
+    depth = left[0][0].numel() if general else train[1].shape[1]
     picks = ops.precision.resolve("auto", general, len(left[0]), len(train[0]), depth, k, train[0].device)
     result = {"path": path, "N": len(train[0]), "T": len(left[0]), "auto": picks, "exact_s": min(exact_s),
               "bf16_s": min(screen_s), "auto_s": auto_s,

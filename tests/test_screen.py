@@ -75,6 +75,27 @@ def test_same_answers_as_exact(dtype, m, largest):
         assert bool((got[2] >= k).all()) and bool((got[2] <= N).all())
 
 
+@pytest.mark.parametrize("m", [None, 0])
+def test_rows_below_the_float32_filters_range(m):
+    # The CPU screen first rules pairs out with a float32 over-estimate of the
+    # bound, which holds while the tile's row scales are above 2^-100 of the
+    # largest; tiles holding rows 2^-300 down go to the float64 bounds. Here the
+    # tiny rows are also the answer: every other row scores below zero.
+    left, R, Phi, inv_norm = operands(T=1, N=3000, C=3, Dp=17, m=m, seed=11)
+    tiny = torch.arange(0, 3000, 7)
+    Phi[tiny] *= 2.0 ** -300
+    scores = truth(left, R, Phi, inv_norm)[0]
+    flip = scores > 0
+    flip[tiny] = scores[tiny] < 0
+    R[flip] = -R[flip]
+    assert bool((truth(left, R, Phi, inv_norm)[0][tiny] > 0).all())
+    for k, largest in ((5, True), (30, True), (5, False)):
+        exact, got = both(left, R, Phi, inv_norm, k, largest)
+        assert_same(exact, got, torch.float64)
+        if largest:
+            assert set(got[1][0].tolist()) <= set(tiny.tolist())
+
+
 def test_same_answers_at_near_ties():
     # Copies of the best training row scaled by 1 + j * 1e-6: the scores around
     # the cut are within 1e-6 relative of each other, far inside the bound.
@@ -209,8 +230,9 @@ def test_auto_screens_only_where_measured_faster(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precisions, "CPU_HAS_BF16_MATMUL", True)
     assert precisions.resolve("auto", True, 1000, 100_000, 5130, 10, cpu) == "bf16"
-    for args in ((False, 1000, 100_000, 5130, 10), (True, 100, 100_000, 5130, 10), (True, 1000, 1000, 5130, 10),
-                 (True, 1000, 100_000, 130, 10), (True, 1000, 100_000, 5130, 500)):
+    assert precisions.resolve("auto", False, 1000, 100_000, 513, 10, cpu) == "bf16"
+    for args in ((False, 1000, 100_000, 65, 10), (True, 100, 100_000, 5130, 10), (True, 1000, 1000, 5130, 10),
+                 (True, 1000, 100_000, 130, 10), (True, 1000, 100_000, 5130, 500), (False, 100, 100_000, 513, 10)):
         assert precisions.resolve("auto", *args, cpu) == "exact", args
     assert precisions.resolve("auto", True, 1000, 100_000, 5130, 10, torch.device("cuda")) == "exact"
     assert precisions.resolve("bf16", False, 1, 1, 1, 1, cpu) == "bf16"

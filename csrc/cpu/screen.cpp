@@ -87,7 +87,7 @@ inline float bf16_float(uint16_t bits) {
 // bounds of the pairs that do in float64 (Pairs::bounds).
 constexpr int64_t kBlock = 64;
 
-// Eight running maxima per block, so the compare chain does not serialise
+// Sixteen running maxima per block, so the compare chain does not serialise
 // (one running maximum made this scan cost more than the filter itself).
 EXEMPLAR_CPU_CLONES void block_maxima(const float* hi, int64_t nt, float* maxima) {
   constexpr int64_t kLanes = 16;

@@ -114,7 +114,7 @@ def _run_topk(kernel, rank1, test_side, r, phi, inv_norm, k, largest, precision)
             raise ValueError(f"precision='bf16' screens on its own op; kernel must be 'default', got {kernel!r}")
         return op(*test_side, r, phi, inv_norm, k, largest)
     tests, train = (len(x) if x.dim() else 0 for x in (test_side[0], r))
-    depth = test_side[0][0].numel() if tests and not rank1 else 0  # C * Dp of the general path
+    depth = phi.shape[1] if rank1 else test_side[0][0].numel() if tests else 0  # the GEMM's: Dp or C * Dp
     if precisions.resolve(precision, not rank1, tests, train, depth, k, r.device) == "exact":
         return op(*test_side, r, phi, inv_norm, k, largest)
     screened = _ops.screened_topk_rank1 if rank1 else _ops.screened_topk
