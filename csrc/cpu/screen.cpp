@@ -173,8 +173,9 @@ EXEMPLAR_CPU_CLONES void low_rank_upper(LowRankPair pair, const uint16_t* a, con
   }
 }
 
-// One test row's pairs with the loaded training tile: the blocks' largest
-// upper bounds, and one pair's two bounds.
+// One test row's pairs with the loaded training tile: every pair's upper
+// bound over-estimated and each block's largest (upper), and one pair's two
+// bounds in float64 (bounds).
 struct Pairs {
   const Bf16Screen& screen;
   const uint16_t* first;  // general: the screened scores; low rank: the left GEMM
@@ -234,10 +235,10 @@ class CpuConsumer {
       : k_(static_cast<size_t>(k)), sign_(largest ? 1.0 : -1.0),
         capacity_(static_cast<size_t>(candidate_capacity(screen.train_rows(), k))), rows_(screen.tests()) {}
 
-  // Per test row: every pair's upper bound (upper_bounds, vectorised), then
-  // only the pairs whose upper bound reaches the row's threshold get their
-  // lower bound and go to the heap: the threshold settles within the first
-  // tile, after which a few pairs in a thousand pass.
+  // Per test row: every pair's upper bound over-estimated (Pairs::upper,
+  // vectorised), then only the pairs whose estimate reaches the row's
+  // threshold get their float64 bounds and go to the heap: the threshold
+  // settles within the first tile, after which a few pairs in a thousand pass.
   void consume(const Bf16Screen& screen, int64_t n0, int64_t nt, int64_t t0, int64_t tb,
                const std::pair<at::Tensor, at::Tensor>& tile) {
     const double* scale = screen.scale().const_data_ptr<double>();
