@@ -96,10 +96,14 @@ struct LowRankPair {
 };
 
 // Norms the bound is built from, computed in float32 from rows scaled below
-// 1: padded for their rounding (depth n) and for squares lost to underflow.
-inline at::Tensor padded_norms(const at::Tensor& x, int64_t dim) {
+// 1: padded for their rounding (depth n) and for squares lost to underflow;
+// times `factor` where x stands for other rows (x's bf16 roundings give the
+// scaled rows' norms up to 1 / (1 - u_in)).
+inline at::Tensor padded_norms(const at::Tensor& x, int64_t dim, double factor = 1) {
   const int64_t n = x.size(dim);
-  return at::linalg_vector_norm(x.to(at::kFloat), 2, {dim}, false) * (1 + (n + 2) * 0x1p-23) + 0x1p-50;
+  // float32 accumulation: float64 rows rounded to it first (the norm will not narrow), bf16 read as they are
+  const auto rows = x.scalar_type() == at::kDouble ? x.to(at::kFloat) : x;
+  return at::linalg_vector_norm(rows, 2, {dim}, false, at::kFloat) * ((1 + (n + 2) * 0x1p-23) * factor) + 0x1p-50;
 }
 
 // ------------------------------------------------------------ scaling
@@ -125,6 +129,10 @@ inline at::Tensor row_exponents(const at::Tensor& x) {
 inline at::Tensor ldexp_safe(const at::Tensor& x, const at::Tensor& e) {
   auto half = at::floor(e / 2);
   return at::ldexp(at::ldexp(x, half), e - half);
+}
+inline double ldexp_safe(double x, double e) {
+  const double half = std::floor(e / 2);
+  return std::ldexp(std::ldexp(x, static_cast<int>(half)), static_cast<int>(e - half));
 }
 
 // Whether every factor mantissa * 2^shift (mantissa in [1/4, 1]) is a normal
@@ -270,24 +278,15 @@ class Bf16Screen {
       return;
     }
     // Low rank: scaled straight to bf16 (one pass each; the GEMMs take the
-    // rows transposed at the same rate), norms from the bf16 rows (rank-1
-    // W-CPU: 0.095 s -> 0.035 s for the whole training set).
+    // rows transposed at the same rate), norms from the bf16 rows x~, each
+    // entry within u_in of the scaled value it rounds, so ||x|| <= ||x~|| /
+    // (1 - u_in) (rank-1 W-CPU: 0.095 s -> 0.035 s for the whole training set).
     train_left_ = scaled_rows(R_.narrow(0, n0, nt), ones, r_shift_.narrow(0, n0, nt), at::kBFloat16,
                               train_single_);  // (nt, C)
     train_right_ = scaled_rows(Phi_.narrow(0, n0, nt), p_mantissa_.narrow(0, n0, nt), p_shift_.narrow(0, n0, nt),
                                at::kBFloat16, train_single_);  // (nt, Dp)
-    train_norms_ = rounded_norms(train_left_);
-    train_right_norms_ = rounded_norms(train_right_);
-  }
-
-  // Norms of rows (n,) from their bf16 roundings x~, float32: each entry is
-  // within u_in of the scaled value x it rounds, so ||x|| <= ||x~|| / (1 - u_in),
-  // padded for the norm's own rounding and underflow as padded_norms pads.
-  static at::Tensor rounded_norms(const at::Tensor& rounded) {
-    const int64_t n = rounded.size(1);
-    return at::linalg_vector_norm(rounded, 2, {1}, false, at::kFloat) *
-               ((1 + (n + 2) * 0x1p-23) / (1 - kBf16InputRoundoff)) +
-           0x1p-50;
+    train_norms_ = padded_norms(train_left_, 1, 1 / (1 - kBf16InputRoundoff));
+    train_right_norms_ = padded_norms(train_right_, 1, 1 / (1 - kBf16InputRoundoff));
   }
 
   const at::Tensor& scale() const { return scale_; }                       // (nt,) float64
@@ -380,9 +379,7 @@ class Bf16Screen {
               v += dot(left + (t * m_ + j) * C_, r.data(), C_) * dot(right + (t * m_ + j) * Dp_, p.data(), Dp_);
             }
           }
-          const double e = te[t] + ne[i], half = std::floor(e / 2);
-          out[position[q]] = static_cast<scalar_t>(std::ldexp(std::ldexp(v, static_cast<int>(half)),
-                                                              static_cast<int>(e - half)));
+          out[position[q]] = static_cast<scalar_t>(ldexp_safe(v, te[t] + ne[i]));
         }
       });
     });

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -74,13 +73,6 @@ struct RowState {
 #define EXEMPLAR_CPU_CLONES
 #endif
 
-inline float bf16_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof out);
-  return out;
-}
-
 // Each loop below writes, for every pair, a number at least its upper bound
 // and, per block of kBlock training rows, the largest: the threshold scan
 // then reads only the blocks that reach the row's threshold, and computes the
@@ -109,32 +101,36 @@ EXEMPLAR_CPU_CLONES void block_maxima(const float* hi, int64_t nt, float* maxima
 }
 
 // The general and rank-1 paths over-estimate the float64 upper bound in
-// float32, twice as many lanes per instruction: the same formula, its
-// nonnegative part (the bound b and |s|) raised by kFilterSlack, which is
-// far more than the ~16 float32 roundings of the evaluation can take away
-// (each at most 2^-24 of |s| + b), plus kFilterFloor for what float32 loses
-// to underflow. This holds while every training row's scale is a normal float
-// well inside float32 (filter_applies); a tile where it is not passes every
-// pair to the float64 bounds.
+// float32, twice as many lanes per instruction: the formula of GeneralPair
+// and LowRankPair::term/finish, its nonnegative part (the bound b and |s|)
+// raised by kFilterSlack, which is far more than the ~16 float32 roundings
+// of the evaluation can take away (each at most 2^-24 of |s| + b), plus
+// kFilterFloor for what float32 loses to underflow. This holds while every
+// training row's scale is a normal float well inside float32
+// (filter_applies); a tile where it is not passes every pair to the float64
+// bounds. The formula is restated here with its constants made float32
+// before the loop: the pair structs templated on the arithmetic type (tried)
+// kept float64 constants in the loop, and GCC then vectorised it at half the
+// width (256-bit vectors instead of 512).
 constexpr float kFilterSlack = 0x1p-16f, kFilterFloor = 0x1p-120f;
 inline bool filter_applies(const at::Tensor& scale) { return scale.min().item<double>() >= 0x1p-100; }
 
-EXEMPLAR_CPU_CLONES void general_filter(GeneralPair pair, const uint16_t* sc, const float* w, const float* scale,
+EXEMPLAR_CPU_CLONES void general_filter(GeneralPair pair, const c10::BFloat16* sc, const float* w, const float* scale,
                                         float sign, int64_t nt, float* hi) {
   const float up = 1 + kFilterSlack;
   const float eps = up * static_cast<float>(pair.eps), out = up * static_cast<float>(pair.out) + kFilterSlack,
               floor = up * static_cast<float>(pair.floor);
 #pragma omp simd
   for (int64_t i = 0; i < nt; ++i) {
-    const float s = bf16_float(sc[i]);
+    const float s = static_cast<float>(sc[i]);
     hi[i] = (sign * s + (out * std::fabs(s) + (eps * w[i] + floor))) * scale[i] + kFilterFloor;
   }
 }
 
-// Rank 1: LowRankPair::term and finish in float32 (the partial sums stay in registers).
-EXEMPLAR_CPU_CLONES void rank1_filter(LowRankPair pair, const uint16_t* a, const uint16_t* c, float an, float bn,
-                                      const float* rn, const float* pn, const float* scale, float sign, int64_t nt,
-                                      float* hi) {
+// Rank 1: the partial sums stay in registers.
+EXEMPLAR_CPU_CLONES void rank1_filter(LowRankPair pair, const c10::BFloat16* a, const c10::BFloat16* c, float an,
+                                      float bn, const float* rn, const float* pn, const float* scale, float sign,
+                                      int64_t nt, float* hi) {
   const float up = 1 + kFilterSlack;
   const float left = static_cast<float>(pair.left.eps) * an, left_out = static_cast<float>(pair.left.out),
               left_floor = static_cast<float>(pair.left.floor);
@@ -143,7 +139,7 @@ EXEMPLAR_CPU_CLONES void rank1_filter(LowRankPair pair, const uint16_t* a, const
   const float size_slack = static_cast<float>(kSlack + pair.rescore);
 #pragma omp simd
   for (int64_t i = 0; i < nt; ++i) {
-    const float x = bf16_float(a[i]), y = bf16_float(c[i]), ax = std::fabs(x), ay = std::fabs(y);
+    const float x = static_cast<float>(a[i]), y = static_cast<float>(c[i]), ax = std::fabs(x), ay = std::fabs(y);
     const float ea = left * rn[i] + (left_out * ax + left_floor);
     const float ec = right * pn[i] + (right_out * ay + right_floor);
     const float xs = ax + ea, ys = ay + ec, xy = x * y;
@@ -154,14 +150,15 @@ EXEMPLAR_CPU_CLONES void rank1_filter(LowRankPair pair, const uint16_t* a, const
 
 // m terms (float64): terms outer, training rows inner, partial sums kept per
 // row for the bounds of the pairs that pass.
-EXEMPLAR_CPU_CLONES void low_rank_upper(LowRankPair pair, const uint16_t* a, const uint16_t* c, const float* an,
+EXEMPLAR_CPU_CLONES void low_rank_upper(LowRankPair pair, const c10::BFloat16* a, const c10::BFloat16* c, const float* an,
                                         const float* bn, const float* rn, const float* pn, const double* scale,
                                         double sign, int64_t m, int64_t nt, LowRankPair::Partial* partial,
                                         float* hi) {
   std::fill(partial, partial + nt, LowRankPair::Partial{});
   for (int64_t j = 0; j < m; ++j) {
     for (int64_t i = 0; i < nt; ++i) {
-      pair.term(bf16_float(a[j * nt + i]), bf16_float(c[j * nt + i]), an[j], bn[j], rn[i], pn[i], partial[i]);
+      pair.term(static_cast<float>(a[j * nt + i]), static_cast<float>(c[j * nt + i]), an[j], bn[j], rn[i], pn[i],
+                partial[i]);
     }
   }
 #pragma omp simd
@@ -176,57 +173,66 @@ EXEMPLAR_CPU_CLONES void low_rank_upper(LowRankPair pair, const uint16_t* a, con
 // One test row's pairs with the loaded training tile: every pair's upper
 // bound over-estimated and each block's largest (upper), and one pair's two
 // bounds in float64 (bounds).
-struct Pairs {
-  const Bf16Screen& screen;
-  const uint16_t* first;  // general: the screened scores; low rank: the left GEMM
-  const void* second;     // general: w (float32); low rank: the right GEMM (bf16)
-  const double* scale;
-  double sign;
-  int64_t t0, t, nt;
+class Pairs {
+ public:
+  // Test row t of the block at t0; general path: the screened scores and w
+  // (float32) of the tile; low rank: the left and right GEMMs (bf16).
+  Pairs(const Bf16Screen& screen, const std::pair<at::Tensor, at::Tensor>& tile, double sign, int64_t t0, int64_t t,
+        int64_t nt)
+      : screen_(screen), m_(screen.terms()), nt_(nt), sign_(sign),
+        first_(static_cast<const c10::BFloat16*>(tile.first.const_data_ptr()) + t * m_ * nt),
+        second_(static_cast<const char*>(tile.second.const_data_ptr()) + t * m_ * nt * tile.second.element_size()),
+        scale_(screen.scale().const_data_ptr<double>()) {
+    if (!screen.general()) {
+      an_ = screen.test_norms().const_data_ptr<float>() + (t0 + t) * m_;
+      bn_ = screen.test_right_norms().const_data_ptr<float>() + (t0 + t) * m_;
+      rn_ = screen.train_norms().const_data_ptr<float>();
+      pn_ = screen.train_right_norms().const_data_ptr<float>();
+    }
+  }
 
   // scale_f: the tile's scales in float32, undefined where the filter does not apply.
   void upper(const at::Tensor& scale_f, float* hi, float* maxima, LowRankPair::Partial* partial) const {
-    const int64_t m = screen.terms();
-    if ((screen.general() || m == 1) && !scale_f.defined()) {
-      std::fill(hi, hi + nt, std::numeric_limits<float>::infinity());
-    } else if (screen.general()) {
-      general_filter(screen.general_pair(), first + t * nt, static_cast<const float*>(second) + t * nt,
-                     scale_f.const_data_ptr<float>(), static_cast<float>(sign), nt, hi);
+    if ((screen_.general() || m_ == 1) && !scale_f.defined()) {
+      std::fill(hi, hi + nt_, std::numeric_limits<float>::infinity());
+    } else if (screen_.general()) {
+      general_filter(screen_.general_pair(), first_, w(), scale_f.const_data_ptr<float>(), static_cast<float>(sign_),
+                     nt_, hi);
+    } else if (m_ == 1) {
+      rank1_filter(screen_.low_rank_pair(), first_, c(), an_[0], bn_[0], rn_, pn_, scale_f.const_data_ptr<float>(),
+                   static_cast<float>(sign_), nt_, hi);
     } else {
-      const auto* c = static_cast<const uint16_t*>(second) + t * m * nt;
-      const float* an = screen.test_norms().const_data_ptr<float>() + (t0 + t) * m;
-      const float* bn = screen.test_right_norms().const_data_ptr<float>() + (t0 + t) * m;
-      const float* rn = screen.train_norms().const_data_ptr<float>();
-      const float* pn = screen.train_right_norms().const_data_ptr<float>();
-      if (m == 1) {
-        rank1_filter(screen.low_rank_pair(), first + t * nt, c, an[0], bn[0], rn, pn, scale_f.const_data_ptr<float>(),
-                     static_cast<float>(sign), nt, hi);
-      } else {
-        low_rank_upper(screen.low_rank_pair(), first + t * m * nt, c, an, bn, rn, pn, scale, sign, m, nt, partial,
-                       hi);
-      }
+      low_rank_upper(screen_.low_rank_pair(), first_, c(), an_, bn_, rn_, pn_, scale_, sign_, m_, nt_, partial, hi);
     }
-    block_maxima(hi, nt, maxima);
+    block_maxima(hi, nt_, maxima);
   }
 
   std::pair<double, double> bounds(int64_t i, const LowRankPair::Partial* partial) const {
     double s, b;
-    if (screen.general()) {
-      screen.general_pair()(bf16_float(first[t * nt + i]), static_cast<const float*>(second)[t * nt + i], scale[i],
-                            s, b);
-    } else if (screen.terms() == 1) {
+    if (screen_.general()) {
+      screen_.general_pair()(static_cast<float>(first_[i]), w()[i], scale_[i], s, b);
+    } else if (m_ == 1) {
       LowRankPair::Partial one;
-      screen.low_rank_pair().term(bf16_float(first[t * nt + i]), bf16_float(static_cast<const uint16_t*>(second)[t * nt + i]),
-                                  screen.test_norms().const_data_ptr<float>()[t0 + t],
-                                  screen.test_right_norms().const_data_ptr<float>()[t0 + t],
-                                  screen.train_norms().const_data_ptr<float>()[i],
-                                  screen.train_right_norms().const_data_ptr<float>()[i], one);
-      screen.low_rank_pair().finish(one, scale[i], s, b);
+      screen_.low_rank_pair().term(static_cast<float>(first_[i]), static_cast<float>(c()[i]), an_[0], bn_[0], rn_[i],
+                                   pn_[i], one);
+      screen_.low_rank_pair().finish(one, scale_[i], s, b);
     } else {
-      screen.low_rank_pair().finish(partial[i], scale[i], s, b);
+      screen_.low_rank_pair().finish(partial[i], scale_[i], s, b);
     }
-    return {sign * s - b, sign * s + b};
+    return {sign_ * s - b, sign_ * s + b};
   }
+
+ private:
+  const float* w() const { return reinterpret_cast<const float*>(second_); }
+  const c10::BFloat16* c() const { return reinterpret_cast<const c10::BFloat16*>(second_); }
+
+  const Bf16Screen& screen_;
+  int64_t m_, nt_;
+  double sign_;
+  const c10::BFloat16* first_;
+  const char* second_;
+  const double* scale_;
+  const float *an_ = nullptr, *bn_ = nullptr, *rn_ = nullptr, *pn_ = nullptr;
 };
 
 class CpuConsumer {
@@ -241,15 +247,13 @@ class CpuConsumer {
   // settles within the first tile, after which a few pairs in a thousand pass.
   void consume(const Bf16Screen& screen, int64_t n0, int64_t nt, int64_t t0, int64_t tb,
                const std::pair<at::Tensor, at::Tensor>& tile) {
-    const double* scale = screen.scale().const_data_ptr<double>();
-    const auto* first = static_cast<const uint16_t*>(tile.first.const_data_ptr());
     const int64_t m = screen.terms();
     const auto scale_f = filter_applies(screen.scale()) ? screen.scale().to(at::kFloat) : at::Tensor();
     at::parallel_for(0, tb, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> hi(nt), maxima((nt + kBlock - 1) / kBlock);
       std::vector<LowRankPair::Partial> partial(m > 1 ? nt : 0);
       for (int64_t t = begin; t < end; ++t) {
-        const Pairs pairs{screen, first, tile.second.const_data_ptr(), scale, sign_, t0, t, nt};
+        const Pairs pairs(screen, tile, sign_, t0, t, nt);
         pairs.upper(scale_f, hi.data(), maxima.data(), partial.data());
         RowState& row = rows_[t0 + t];
         double threshold = row.threshold(k_);
