@@ -15,6 +15,7 @@ import exemplar.storage
 SECTIONS = [
     ("Data", ["LastLayerData", "LastLayer", "storage.Store", "storage.write_store"]),
     ("Scoring", ["Attributor", "Settings", "Explainer", "METHODS", "INFLUENCE_METHODS", "CURVATURES"]),
+    ("Whole network", ["NetworkExplainer"]),
     ("Results", ["TopK", "Explanation", "report", "plot.grid"]),
     ("Selection and data debugging", ["divine", "divine_global", "inspection_order", "flip_labels",
                                       "debug_labels", "Fit"]),

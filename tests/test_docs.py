@@ -166,7 +166,7 @@ def _stand_ins(tmp_path):
             "attr": exemplar.Attributor(train), "test": test, "exemplar": exemplar, "torch": torch}
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/design.md", "docs/imdb.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md", "docs/imdb.md", "docs/network.md"])
 def test_every_code_block_in_the_docs_runs(doc, tmp_path, monkeypatch, capsys):
     """Python blocks run in order in one namespace per document, on the stand-ins
     above (the README says which names its snippets assume); the command line

@@ -15,6 +15,7 @@ from .engine import Attributor, Settings
 from .methods import Method, register
 from .models.explainer import Explainer
 from .models.hooks import LastLayer
+from .models.network import NetworkExplainer
 from .ops import General, Query, Rank1, TrainOperands, cuda_compiled
 from .report import plot
 from .report.html import report
@@ -24,8 +25,9 @@ METHODS = methods.names()
 INFLUENCE_METHODS = methods.names("influence")
 CURVATURES = curvature.names()
 
-__all__ = ["Attributor", "Settings", "LastLayerData", "LastLayer", "Explainer", "Explanation", "TopK", "report",
-           "plot", "CURVATURES", "INFLUENCE_METHODS", "METHODS", "Method", "register", "methods", "curvature",
+__all__ = ["Attributor", "Settings", "LastLayerData", "LastLayer", "Explainer", "NetworkExplainer", "Explanation",
+           "TopK", "report", "plot", "CURVATURES", "INFLUENCE_METHODS", "METHODS", "Method", "register", "methods",
+           "curvature",
            "TrainOperands", "Query", "General", "Rank1", "cuda_compiled", "divine", "divine_global",
            "inspection_order", "flip_labels", "debug_labels", "Fit", "retrain_head", "retrain_model", "Retraining",
            "lds", "leave_one_out", "Evaluation"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import storage
+from ..data import LastLayerData
 from ..storage.saved import digest
 from .retraining import Retraining
 
@@ -26,6 +27,7 @@ BOOTSTRAP = 1000  # resamples of the test set for the interval
 # Methods that score without the trained layer; the representer methods need it.
 WITHOUT_LAYER = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos", "knn")
 WITH_LAYER = ("rps_l2", "rps_lje")
+NETWORK = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")  # what a NetworkExplainer scores
 
 
 @dataclass
@@ -153,11 +155,15 @@ def _check(attr, test, truth: Retraining, kind: str, methods, confidence: float,
     if truth.outputs.shape != (M, len(test)):
         raise ValueError(f"truth.outputs has shape {tuple(truth.outputs.shape)}, expected (M, T) = ({M}, {len(test)}) "
                          "for this test set")
-    train = truth.meta.get("train")
+    train, held = truth.meta.get("train"), truth.meta.get("test")
+    if not isinstance(test, LastLayerData):  # a NetworkExplainer's test gradients
+        if train is not None or held is not None:
+            raise ValueError("truth retrained a last layer on fixed features (retrain_head); a whole network is "
+                             "judged against retraining the whole model (retrain_model)")
+        methods = NETWORK if methods is None else methods
     if train is not None and train != storage.training_set(attr.train, attr.settings.bias).fingerprint():
         raise ValueError("truth was retrained on another training set than the Attributor's (content fingerprints "
                          "differ); retrain on this one")
-    held = truth.meta.get("test")
     if held is not None and held != digest(test.features, test.logits, test.labels)[:16]:
         raise ValueError("truth was measured on another test set (or other labels) than this one (digests differ)")
     if methods is None:
@@ -191,8 +197,9 @@ def lds(attr, test, truth: Retraining, methods=None, confidence: float = 0.95, b
     """The linear datamodeling score of each method, against retraining.
 
     Arguments:
-        attr: the Attributor whose scores are judged.
-        test: the test set truth was measured on (a LastLayerData).
+        attr: the Attributor (or NetworkExplainer) whose scores are judged.
+        test: the test set truth was measured on (a LastLayerData; for a
+            NetworkExplainer its loader or check_test's result).
         truth: a Retraining of kind "subsets" (retrain_head, retrain_model).
         methods: names (default: every built-in method the Attributor can
             run; the representer methods need its layer).

@@ -1,0 +1,371 @@
+"""NetworkExplainer: attribution through every chosen layer of a model
+(docs/design.md §11), not only the last: per-example gradients of each
+nn.Linear / nn.Conv2d layer (layers.py), block-diagonal K-FAC / EK-FAC
+curvature per layer, and scores summed over the layers, streamed through the
+same top-k op as the last layer."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..engine.distributed import ProcessGroup
+from ..methods.base import safe_reciprocal
+from ..ops import Rank1, TrainOperands
+from ..ops.order import check_k
+from ..progress import Progress
+from ..results import Explanation, TopK
+from ..storage.gradients import DEFAULT_SHARD_ROWS
+from ..storage.saved import digest
+from .hooks import model_digest
+from .layer_curvature import ExactLayer, KroneckerLayer
+from .layers import Capture, choose_layers
+from .network_data import collect, data_digest
+
+# method -> (preconditioned test side, training-row normaliser)
+METHODS = {"if": (True, None), "theta_relatif": (True, "theta"), "l_relatif": (True, "quad"),
+           "grad_dot": (False, None), "grad_cos": (False, "grad")}
+CURVATURES = ("ekfac", "kfac", "exact")
+FISHERS = ("expected", "sampled", "empirical")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """What a NetworkExplainer's answers depend on besides the model and the data."""
+    layers: tuple[dict, ...]
+    curvature: str
+    damping: float
+    fisher: str
+    projection: int | None
+    seed: int
+
+    def to_dict(self) -> dict:
+        """The settings as JSON-able values (what a store's fit cache is keyed by)."""
+        return asdict(self)
+
+
+@dataclass
+class TestGradients:
+    """A test set run through the network once (NetworkExplainer.check_test):
+    per layer (T, k_out, k_in) gradients of each test's loss for its
+    explained class, the logits (T, C), the explained labels (T,) and the
+    digest of the model they came from."""
+    gradients: list[torch.Tensor]
+    logits: torch.Tensor
+    explained: torch.Tensor
+    model: str
+
+    def __len__(self) -> int:
+        return len(self.explained)
+
+
+def _method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)} for a whole network, got {method!r}")
+    return method
+
+
+class NetworkExplainer:
+    """Explains a model's predictions through the chosen layers of the whole
+    network: per-example gradients of every nn.Linear / nn.Conv2d layer
+    (exact, or Kronecker-projected to at most `projection` per side),
+    block-diagonal K-FAC / EK-FAC curvature per layer, scores summed over the
+    layers and streamed through exemplar's top-k op.
+
+    Arguments:
+        model: the classifier; its output (or output(model's output)) is the
+            logits (B, C). BatchNorm and dropout must be in eval mode.
+        train_loader: (inputs..., labels) batches in a fixed order; indices
+            are positions in that order.
+        layers: names or modules of the layers (None: every trainable
+            nn.Linear and nn.Conv2d).
+        curvature: per layer, "exact" (the layer's whole Fisher, for layers of at
+            most layer_curvature.EXACT_MAX_WIDTH gradient entries: the most
+            faithful), "ekfac" (K-FAC's eigenbasis, eigenvalues refitted in it)
+            or "kfac"; block-diagonal over the layers.
+        damping: lambda added to every layer's curvature eigenvalues (the
+            weight decay the model was trained with is the natural choice).
+        fisher: the output gradients the curvature is fitted from: "expected"
+            (every class c weighted by p_c: the exact Fisher, which for
+            cross-entropy is the Gauss-Newton matrix; C gradient passes per
+            batch), "sampled" (one label drawn from the model's softmax per
+            example, seeded: the Fisher in expectation; kronfluence's default)
+            or "empirical" (the training labels).
+        projection: None keeps exact per-layer gradients; an integer k
+            projects each side of a layer wider than k to k (seeded Gaussian).
+        method: explain()'s default method.
+        output: a callable picking the logits from the model's output.
+        seed: seeds the projections and the sampled labels.
+        store: a folder: the training gradients go to a sharded gradient store
+            there (storage/gradients.py) instead of memory, recording the
+            model's digest, the layers and projections and a digest of the
+            loader's data; rerun after an interrupt it continues from its last
+            complete shard, and a complete one is read without running the
+            model on the training set (the curvature too, from its fit cache).
+            A store another model, data, projection or seed wrote is refused.
+        shard_rows: rows per shard; overwrite: replace a store another source wrote.
+        distributed: run on every rank of the default torch.distributed process
+            group, each given the same model and loader: rank r runs the model
+            on batches r, r + world, ... and holds their gradients; curvature
+            statistics are summed (float64) and top-k parts gathered and
+            merged, so every rank gets the one-process answer. Ranks given
+            different settings, models or data are refused alike.
+        progress: progress lines for the passes (None: only on a terminal).
+
+    Memory: the test set's per-layer gradients (T x the gradient entries per
+    example) and one block of training rows (one shard with a store)."""
+
+    def __init__(self, model: nn.Module, train_loader, *, layers=None, curvature: str = "ekfac",
+                 damping: float = 1e-3, fisher: str = "expected", projection: int | None = None,
+                 method: str = "theta_relatif", output=None, seed: int = 0, store=None,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False, distributed: bool = False,
+                 progress: bool | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES} for a whole network, got {curvature!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0 \
+                or damping == float("inf"):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if output is not None and not callable(output):
+            raise TypeError(f"output must be None or a callable taking the model's output, got {output!r}")
+        self.method = _method(method)
+        self.model, self.progress = model, progress
+        self.layers = choose_layers(model, layers, projection, seed)
+        self.settings = NetworkSettings(tuple(layer.describe() for layer in self.layers), curvature,
+                                        float(damping), fisher, projection, seed)
+        self.dtype = next(iter(model.parameters())).dtype
+        self.capture = Capture(model, self.layers, output)
+        self.capture.check_model()
+        self.model_digest = model_digest(model)
+        self.group = ProcessGroup.default() if distributed else ProcessGroup.single()
+        if self.group.distributed:
+            self.group.agree("NetworkExplainer settings, models or training data", {
+                "settings": self.settings.to_dict(), "model": self.model_digest, "data": data_digest(train_loader)})
+        self.train = collect(self, train_loader, store, shard_rows, overwrite)
+        self.num_train = len(self.train)
+        self.curvatures = self._fit_curvature(train_loader)
+        self._norms: dict[str, torch.Tensor] = {}
+
+    # ---- fitting -------------------------------------------------------------------------------------------------
+
+    def _fisher(self, index: int):
+        """fisher(logits, labels) -> the curvature's label choices for batch
+        `index`: a list of (labels (B,), weights (B,) float64 or None)."""
+        kind, seed = self.settings.fisher, self.settings.seed
+
+        def choose(logits, labels):
+            if kind == "empirical":
+                return [(labels, None)]
+            probs = torch.softmax(logits.double(), 1)
+            if kind == "expected":
+                return [(torch.full_like(labels, c), probs[:, c]) for c in range(logits.shape[1])]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            return [(torch.multinomial(probs.cpu(), 1, generator=g).squeeze(1).to(logits.device), None)]
+        return choose
+
+    def _curvature_passes(self, loader):
+        """Yields per batch the Fisher's label choices [(weights (B,) or None,
+        [per layer (delta (B, P, k_out), a (B, P, k_in))])]: one model pass."""
+        bar = Progress("network: curvature", len(loader) if hasattr(loader, "__len__") else None, self.progress)
+        for index, batch in enumerate(loader):
+            if index % self.group.world != self.group.rank:  # another rank's batch
+                continue
+            fisher = self._fisher(index)
+            logits, labels, per_choice = self.capture.run(batch, index, lambda z, y, f=fisher: [c for c, _ in f(z, y)])
+            yield [(weights, captured) for (_, weights), captured in zip(fisher(logits, labels), per_choice)]
+            bar.update()
+        bar.close()
+
+    def _fit_curvature(self, loader) -> list:
+        """Each layer's curvature from the Fisher's gradients (passes over the
+        loader), or read from the store's fit cache when these settings were
+        fitted on this store's content before."""
+        cls = ExactLayer if self.settings.curvature == "exact" else KroneckerLayer
+        store = self.train.store
+        identity = json.loads(json.dumps({"store": self.train.fingerprint(), **self.settings.to_dict()}))
+        tag = digest(json.dumps(identity, sort_keys=True))[:16]
+        if store is not None:
+            saved = store.load_fit(tag, identity)
+            if saved is not None:
+                return [cls.from_tensors(saved, j, layer) for j, layer in enumerate(self.layers)]
+        curvatures = cls.fit(self.layers, lambda: self._curvature_passes(loader), self.num_train,
+                             self.settings.damping, self.settings.curvature == "ekfac", self.group.all_sum)
+        if store is not None:
+            store.save_fit(tag, identity, {k: v.contiguous() for j, c in enumerate(curvatures)
+                                           for k, v in c.tensors(j).items()})
+        return curvatures
+
+    # ---- the two sides of a score ---------------------------------------------------------------------------------
+
+    theta = None  # no single trained layer: the representer methods do not apply
+
+    def _check_model(self) -> None:
+        if model_digest(self.model) != self.model_digest:
+            raise ValueError("the model's parameters or buffers changed since this NetworkExplainer was fitted; "
+                             "build a new one for the changed model")
+
+    def check_test(self, test) -> TestGradients:
+        """test (a loader of (inputs...[, labels]) batches, or a TestGradients
+        this explainer made) run through the network: each test's per-layer
+        gradient for its explained class (its label when the batches have
+        labels, else the prediction)."""
+        self._check_model()
+        if isinstance(test, TestGradients):
+            if test.model != self.model_digest or [g.shape[1:] for g in test.gradients] != \
+                    [(layer.k_out, layer.k_in) for layer in self.layers]:
+                raise ValueError("test holds gradients of another model or other layers than this NetworkExplainer's")
+            return test
+        grads, logits, explained = [[] for _ in self.layers], [], []
+        bar = Progress("network: test gradients", len(test) if hasattr(test, "__len__") else None, self.progress)
+        for index, batch in enumerate(test):
+            z, y, per_choice = self.capture.run(batch, index, lambda z, y: [z.argmax(1) if y is None else y])
+            explained.append((z.argmax(1) if y is None else y).cpu())
+            logits.append(z.cpu())
+            for j, (d, a) in enumerate(per_choice[0]):
+                grads[j].append((d.transpose(1, 2) @ a).cpu())
+            bar.update()
+        bar.close()
+        if not logits:
+            raise ValueError("test yielded no batches")
+        return TestGradients([torch.cat(g) for g in grads], torch.cat(logits), torch.cat(explained),
+                             self.model_digest)
+
+    def _test_side(self, grads: list[torch.Tensor], method: str) -> torch.Tensor:
+        """(T, P') the test operator: H^-1 g_t per layer (or g_t), flattened and joined."""
+        curved, norm = METHODS[method]
+        dtype = grads[0].dtype
+        parts = [(c.solve(g).to(dtype) if curved else g).flatten(1) for c, g in zip(self.curvatures, grads)]
+        beta = torch.cat(parts, 1)
+        if norm == "grad":
+            beta = beta * safe_reciprocal(beta.double().norm(dim=1)).to(dtype).unsqueeze(1)
+        return beta
+
+    def _row_norms(self, grads) -> dict[str, torch.Tensor]:
+        """(n,) float64 per kind for one block's [LayerGradients]: |H^-1 g_i|^2
+        ("theta"), g_i^T H^-1 g_i ("quad"), |g_i|^2 ("grad")."""
+        out = {key: 0 for key in ("theta", "quad", "grad")}
+        for c, layer in zip(self.curvatures, grads):
+            g = layer.matrices().double()
+            theta, quad = c.norms(g)
+            out["theta"], out["quad"] = out["theta"] + theta, out["quad"] + quad
+            out["grad"] = out["grad"] + g.square().sum((1, 2))
+        return out
+
+    def _blocks(self):
+        """Yields (rows, [LayerGradients]) of the training blocks this process holds."""
+        return self.train.blocks(sum(layer.width for layer in self.layers))
+
+    def _inv_norm(self, method: str, held: int, grads, dtype) -> torch.Tensor:
+        """(n,) the normaliser for `method` (1 when it has none) of the block
+        starting at position `held` among this process's rows; computed for
+        all of them on first use and kept."""
+        norm, n = METHODS[method][1], len(grads[0])
+        if norm is None:
+            return torch.ones(n, dtype=dtype)
+        if norm not in self._norms:
+            self._norms[norm] = torch.cat([self._row_norms(g)[norm] for _, g in self._blocks()])
+        return safe_reciprocal(self._norms[norm][held:held + n].clamp_min(0).sqrt()).to(dtype)
+
+    def _streamed(self, call: str, tested, method: str, each, **arguments) -> None:
+        """Calls each(query, train operands, rows) for every training block this
+        process holds (rows: the block's positions in the training set);
+        tested: check_test's result. Ranks first agree on the question."""
+        method = _method(method)
+        self.group.agree("queries", {"call": call, "method": method, **arguments,
+                                     "test": digest(tested.logits, tested.explained)[:16]})
+        beta = self._test_side(tested.gradients, method)
+        query = ops.Query(Rank1(torch.ones(len(beta), 1, dtype=beta.dtype), beta))
+        held = 0
+        for rows, grads in self._blocks():
+            phi = torch.cat([g.rows() for g in grads], 1).to(beta.dtype)
+            inv_norm = self._inv_norm(method, held, grads, beta.dtype)
+            each(query, TrainOperands(torch.ones(len(phi), 1, dtype=beta.dtype), phi, inv_norm), rows)
+            held += len(rows)
+
+    def _best(self, tested, k: int, method: str, largest: bool, precision: str) -> TopK:
+        check_k(k, self.num_train)
+        best = None
+
+        def add(query, train, rows):
+            nonlocal best
+            values, indices = query.topk(train, min(k, len(train.phi)), largest, precision)
+            part = (values, rows[indices])
+            best = part if best is None else ops.merge_topk([best, part], k, largest)
+        self._streamed("topk", tested, method, add, k=k, largest=largest, precision=precision)
+        if self.group.world > 1:
+            # Equal shapes for the gather: a rank holding fewer than k rows pads with NaN (ranked last) at
+            # index N (after every real row), so the merged top k, k <= N, holds real rows only.
+            values, indices = best
+            pad = k - values.shape[1]
+            values = torch.cat([values, values.new_full((len(values), pad), float("nan"))], 1)
+            indices = torch.cat([indices, indices.new_full((len(indices), pad), self.num_train)], 1)
+            best = ops.merge_topk(self.group.all_gather((values, indices)), k, largest)
+        return TopK(*best)
+
+    def topk(self, test, k: int, method: str | None = None, largest: bool = True,
+             precision: str = "exact") -> TopK:
+        """The k training examples with the largest (or smallest) summed scores
+        per test, (T, k) each, best first; never the (T, N) matrix.
+        precision: "exact" by default; "bf16" / "auto" as for Attributor.topk.
+        The bf16 screen's bound grows with the depth of the flattened
+        gradients, and at 12,930 entries per example it measured 3.9x slower
+        than "exact" (bench/network_scoring.py), so it is not the default here."""
+        return self._best(self.check_test(test), k, method or self.method, largest, precision)
+
+    def explain(self, test, k: int = 5, method: str | None = None, opponents: int = 0) -> Explanation:
+        """Per test: the k proponents (and `opponents` most opposing examples)."""
+        method = method or self.method
+        tested = self.check_test(test)
+        top = self._best(tested, k, method, True, "exact")
+        against = self._best(tested, opponents, method, False, "exact") if opponents else None
+        logits, explained = tested.logits, tested.explained
+        probabilities = torch.softmax(logits.double(), 1).gather(1, explained.view(-1, 1)).squeeze(1)
+        return Explanation(top.indices, top.values, explained, logits.argmax(1), probabilities, method, against)
+
+    def scores(self, test, method: str | None = None) -> torch.Tensor:
+        """(T, N) every score (for small sets; topk streams)."""
+        tested = self.check_test(test)
+        out = torch.zeros(len(tested), self.num_train, dtype=tested.gradients[0].dtype)
+
+        def add(q, train, rows):
+            out[:, rows] = q.scores(train)
+        self._streamed("scores", tested, method or self.method, add)
+        return self.group.all_sum((out,))[0]
+
+    def subset_scores(self, test, subsets: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """(T, M) float64: sum over each subset's rows of the scores, subsets
+        (M, N) bool; what exemplar.lds predicts retraining with."""
+        if not isinstance(subsets, torch.Tensor) or subsets.dim() != 2 or subsets.shape[1] != self.num_train:
+            raise ValueError(f"subsets must be an (M, N={self.num_train}) bool tensor")
+        tested = self.check_test(test)
+        total = torch.zeros(len(tested), len(subsets), dtype=torch.float64)
+
+        def add(q, train, rows):
+            total.add_(q.scores(train).double() @ subsets[:, rows].double().T)
+        self._streamed("subset_scores", tested, method or self.method, add,
+                       subsets=digest(subsets.bool())[:16])
+        return self.group.all_sum((total,))[0]
+
+    def self_influence(self, method: str = "if") -> torch.Tensor:
+        """(N,) score(i, i) of each training example for its own label."""
+        method = _method(method)
+        out = torch.zeros(self.num_train, dtype=torch.float64)
+        for rows, grads in self._blocks():
+            n = self._row_norms(grads)
+            out[rows] = {"if": n["quad"], "theta_relatif": n["quad"] * safe_reciprocal(n["theta"].sqrt()),
+                         "l_relatif": n["quad"].clamp_min(0).sqrt(), "grad_dot": n["grad"],
+                         "grad_cos": (n["grad"] > 0).double()}[method]
+        return self.group.all_sum((out,))[0]
+
+    def __repr__(self) -> str:
+        widths = sum(layer.width for layer in self.layers)
+        return (f"NetworkExplainer({len(self.layers)} layers, N={self.num_train}, {widths} gradient entries per "
+                f"example, curvature={self.settings.curvature!r}, fisher={self.settings.fisher!r})")

@@ -1,0 +1,356 @@
+"""Whole-network attribution (NetworkExplainer, docs/design.md §11) against
+float64 truth from torch.func (exemplar.testing.network_reference): exact
+per-layer gradients for vector, sequence and image inputs, projections,
+every curvature and method, self-influence, LDS; and every refusal."""
+import pytest
+import torch
+from torch import nn
+from torch.func import grad, vmap
+from torch.nn import functional as F
+
+import exemplar
+from exemplar.testing import network_reference as ref
+
+METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
+
+
+def mlp(seed=0, widths=(7, 5, 3)):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double()
+
+
+def data(n, d=7, c=3, seed=0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *(shape or (d,)), generator=g, dtype=torch.float64)
+    return x, torch.randint(0, c, (n,), generator=g)
+
+
+def batches(x, y, size=5):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+class ConvNet(nn.Module):
+    """A Conv2d (stride 2, padding 1, a rectangular kernel) and a Linear on the flattened image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(2, 3, (3, 2), stride=2, padding=1)
+        self.head = nn.Linear(3 * 3 * 4, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class SequenceNet(nn.Module):
+    """A Linear applied at every position of a sequence (B, S, D), mean-pooled, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.token = nn.Linear(5, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.token(x)).mean(1))
+
+
+def stored(explainer):
+    """Per layer (N, k_out, k_in): the training gradients as the explainer holds them (memory or store)."""
+    blocks = [grads for _, grads in explainer.train.blocks(1)]
+    return [torch.cat([b[j].matrices() for b in blocks]) for j in range(len(explainer.layers))]
+
+
+@pytest.mark.parametrize("model,shape,c", [(mlp(), None, 3), (ConvNet().double(), (2, 5, 6), 4),
+                                           (SequenceNet().double(), (4, 5), 3)])
+def test_per_layer_gradients_equal_torch_func(model, shape, c):
+    x, y = data(13, c=c, shape=shape)
+    e = exemplar.NetworkExplainer(model, batches(x, y), curvature="kfac", progress=False)
+    names = [layer.name for layer in e.layers]
+    truth = ref.layer_gradients(model, names, x, y)
+    for got, want in zip(stored(e), truth):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    tested = e.check_test(batches(x, y, 4))
+    for got, want in zip(tested.gradients, truth):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert [layer.factored for layer in e.layers] == [shape is None or (n == "head") for n in names]
+
+
+def test_projected_gradients_are_the_projections_of_the_exact_ones():
+    model = ConvNet().double()
+    x, y = data(9, shape=(2, 5, 6), c=4)
+    e = exemplar.NetworkExplainer(model, batches(x, y), curvature="kfac", projection=3, progress=False)
+    truth = ref.layer_gradients(model, [layer.name for layer in e.layers], x, y)
+    for layer, got, want in zip(e.layers, stored(e), truth):
+        p_out = torch.eye(layer.out_dim, dtype=torch.float64) if layer.p_out is None else layer.p_out
+        p_in = torch.eye(layer.in_dim, dtype=torch.float64) if layer.p_in is None else layer.p_in
+        assert got.shape == (len(y), min(3, layer.out_dim), min(3, layer.in_dim))
+        torch.testing.assert_close(got, p_out @ want @ p_in.T, rtol=1e-12, atol=1e-14)
+
+
+def _kronecker_truth(model, x, y, ekfac):
+    """K-FAC / EK-FAC per layer of a Sequential MLP from torch.func output gradients."""
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+    out = []
+    for k, m in enumerate(model):
+        if not isinstance(m, nn.Linear):
+            continue
+        with torch.no_grad():
+            a = model[:k](x)
+            z = m(a)
+        suffix = model[k + 1:]
+        deltas = torch.stack([vmap(grad(lambda zi, c=c, f=suffix: F.cross_entropy(f(zi[None]), torch.tensor([c]))))(z)
+                              for c in range(p.shape[1])], 1)
+        a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        out.append(ref.kronecker_fisher(a1, deltas, p, ekfac))
+    return out
+
+
+@pytest.mark.parametrize("curvature", ["exact", "kfac", "ekfac"])
+def test_scores_equal_the_float64_reference(curvature):
+    model = mlp()
+    x, y = data(17)
+    xt, yt = data(6, seed=1)
+    e = exemplar.NetworkExplainer(model, batches(x, y), curvature=curvature, damping=0.01, progress=False)
+    names = [layer.name for layer in e.layers]
+    train, test = ref.layer_gradients(model, names, x, y), ref.layer_gradients(model, names, xt, yt)
+    fishers = ref.fisher(model, names, x, y, "expected") if curvature == "exact" else \
+        _kronecker_truth(model, x, y, curvature == "ekfac")
+    for method in METHODS:
+        want = ref.scores(train, test, fishers, 0.01, method)
+        torch.testing.assert_close(e.scores(batches(xt, yt), method), want, rtol=1e-9, atol=1e-12)
+        top = e.topk(batches(xt, yt), 4, method)
+        torch.testing.assert_close(top.values, want.topk(4, 1).values, rtol=1e-9, atol=1e-12)
+    diag = ref.scores(train, train, fishers, 0.01, "if").diagonal()
+    torch.testing.assert_close(e.self_influence("if"), diag, rtol=1e-9, atol=1e-12)
+
+
+def test_empirical_fisher_and_predictions_explained_without_labels():
+    model = mlp()
+    x, y = data(11)
+    xt, _ = data(4, seed=3)
+    e = exemplar.NetworkExplainer(model, batches(x, y), curvature="exact", fisher="empirical", damping=0.1,
+                                  progress=False)
+    names = [layer.name for layer in e.layers]
+    predicted = model(xt).argmax(1)
+    want = ref.scores(ref.layer_gradients(model, names, x, y), ref.layer_gradients(model, names, xt, predicted),
+                      ref.fisher(model, names, x, y, "empirical"), 0.1, "if")
+    torch.testing.assert_close(e.scores([xt[:2], xt[2:]], "if"), want, rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_fisher_is_seeded():
+    model = mlp()
+    x, y = data(12)
+    one = exemplar.NetworkExplainer(model, batches(x, y), fisher="sampled", seed=3, progress=False)
+    two = exemplar.NetworkExplainer(model, batches(x, y), fisher="sampled", seed=3, progress=False)
+    other = exemplar.NetworkExplainer(model, batches(x, y), fisher="sampled", seed=4, progress=False)
+    s = [e.scores(batches(x, y), "if") for e in (one, two, other)]
+    assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])
+
+
+def test_explain_topk_odd_sizes_and_float32():
+    model = mlp().float()
+    x, y = data(9)
+    x = x.float()
+    e = exemplar.NetworkExplainer(model, batches(x, y, 4), method="if", progress=False)
+    scores = e.scores(batches(x, y))
+    assert scores.dtype == torch.float32
+    ex = e.explain(batches(x[:3], y[:3]), k=9, opponents=1)  # k = N
+    assert ex.indices.shape == (3, 9) and ex.opponents.indices.shape == (3, 1)
+    assert torch.equal(ex.indices, scores[:3].double().topk(9, 1).indices)
+    assert torch.equal(ex.labels, y[:3]) and ex.method == "if"
+    single = exemplar.NetworkExplainer(model, [(x[:1], y[:1])], progress=False)  # N = 1
+    assert single.topk([(x[:2], y[:2])], 1).indices.tolist() == [[0], [0]]
+
+
+def test_lds_against_whole_model_retraining_and_refusals():
+    model = mlp()
+    x, y = data(30)
+    xt, yt = data(5, seed=1)
+    e = exemplar.NetworkExplainer(model, batches(x, y), curvature="exact", damping=0.01, progress=False)
+    outputs = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = iter(outputs)
+    truth = exemplar.retrain_model(lambda mask: next(calls), 30, 5, subsets=8)
+    tested = e.check_test(batches(xt, yt))
+    ev = exemplar.lds(e, tested, truth)
+    assert set(ev.methods) == set(METHODS)
+    predicted = e.scores(tested, "if") @ truth.masks.double().T
+    torch.testing.assert_close(ev.methods["if"].predicted, predicted)
+    head = exemplar.LastLayerData(torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64), y)
+    head_test = exemplar.LastLayerData(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    head_truth = exemplar.retrain_head(head, head_test, 0.01, subsets=4)
+    with pytest.raises(ValueError, match="retrain_model"):
+        exemplar.lds(e, tested, head_truth)
+
+
+def test_refusals():
+    model = mlp()
+    x, y = data(10)
+    train = batches(x, y)
+    make = lambda m=model, t=train, **kw: exemplar.NetworkExplainer(m, t, progress=False, **kw)  # noqa: E731
+    for kw, match in [({"curvature": "identity"}, "curvature"), ({"fisher": "true"}, "fisher"),
+                      ({"damping": -1.0}, "damping"), ({"damping": float("nan")}, "damping"),
+                      ({"projection": 0}, "projection"), ({"projection": True}, "projection"),
+                      ({"layers": ["nope"]}, "not a submodule"), ({"layers": ["1"]}, "Tanh"),
+                      ({"layers": ["0", "0"]}, "each once"), ({"method": "knn"}, "method"), ({"seed": -1}, "seed"),
+                      ({"curvature": "exact", "damping": 0.0}, "damping > 0"), ({"output": 3}, "output")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            make(**kw)
+    with pytest.raises(ValueError, match="no labels"):
+        make(t=[x])
+    with pytest.raises(ValueError, match="no batches"):
+        make(t=[])
+    shuffled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle"):
+        make(t=shuffled)
+    with pytest.raises(ValueError, match="labels in batch 0"):
+        make(t=[(x, y + 5)])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        make(t=[(x * float("nan"), y)])
+    frozen = mlp()
+    frozen[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        make(m=frozen, layers=["0"])
+    assert [layer.name for layer in make(m=frozen).layers] == ["2"]
+    bn = nn.Sequential(nn.Linear(7, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="model.eval"):
+        make(m=bn)
+    make(m=bn.eval())
+    dropout = nn.Sequential(nn.Linear(7, 4), nn.Dropout(0.5), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="model.eval"):
+        make(m=dropout)
+    shared = nn.Linear(7, 7).double()
+    twice = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(7, 3).double())
+    with pytest.raises(ValueError, match="more than once"):
+        make(m=twice)
+    with pytest.raises(ValueError, match="too wide|more than"):
+        make(m=nn.Sequential(nn.Linear(7, 200), nn.Linear(200, 100)).double(), curvature="exact")
+    e = make()
+    with pytest.raises(ValueError, match="k"):
+        e.topk(batches(x, y), 11)
+    with pytest.raises(ValueError, match="subsets"):
+        e.subset_scores(batches(x, y), torch.ones(2, 9, dtype=torch.bool))
+    other = exemplar.NetworkExplainer(mlp(seed=5), train, progress=False)
+    with pytest.raises(ValueError, match="another model"):
+        e.scores(other.check_test(batches(x, y)))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(ValueError, match="changed since"):
+        e.scores(batches(x, y))
+
+
+def test_batches_must_keep_their_shape():
+    model = SequenceNet().double()
+    x, y = data(6, shape=(4, 5))
+    with pytest.raises(ValueError, match="positions per example"):
+        exemplar.NetworkExplainer(model, [(x[:3], y[:3]), (x[3:, :1], y[3:])], progress=False)
+
+
+class Killed:
+    """A loader interrupted (KeyboardInterrupt) once it has yielded `fail_after` batches over all its passes."""
+
+    def __init__(self, x, y, size=4, fail_after=None):
+        self.items, self.fail_after, self.yielded = batches(x, y, size), fail_after, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        for item in self.items:
+            if self.yielded == self.fail_after:
+                raise KeyboardInterrupt("killed")
+            self.yielded += 1
+            yield item
+
+
+def forward_calls(model):
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "exact"])
+def test_store_answers_as_memory_and_is_reused_without_running_the_model(tmp_path, curvature):
+    model = SequenceNet().double()
+    x, y = data(23, shape=(4, 5))
+    xt, yt = data(5, shape=(4, 5), seed=1)
+    kw = dict(curvature=curvature, damping=0.01, progress=False)
+    memory = exemplar.NetworkExplainer(model, batches(x, y), **kw)
+    stored_one = exemplar.NetworkExplainer(model, batches(x, y), store=tmp_path / "s", shard_rows=7, **kw)
+    assert stored_one.train.store is not None and stored_one.train.store.sizes == [7, 7, 7, 2]
+    calls = forward_calls(model)
+    again = exemplar.NetworkExplainer(model, batches(x, y), store=tmp_path / "s", shard_rows=7, **kw)
+    assert not calls  # gradients from the shards, the curvature from the fit cache
+    for method in METHODS:
+        want = memory.scores(batches(xt, yt), method)
+        for e in (stored_one, again):
+            torch.testing.assert_close(e.scores(batches(xt, yt), method), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(again.self_influence("theta_relatif"), memory.self_influence("theta_relatif"))
+    other = exemplar.NetworkExplainer(model, batches(x, y), store=tmp_path / "s", shard_rows=7,
+                                      **{**kw, "damping": 0.1})  # other settings: a fit of their own
+    assert len(list((tmp_path / "s" / "fits").iterdir())) == 2
+    assert not torch.equal(other.scores(batches(xt, yt), "if"), again.scores(batches(xt, yt), "if"))
+
+
+def test_interrupted_store_resumes_to_the_same_bytes(tmp_path):
+    model = mlp()
+    x, y = data(30)
+    whole = exemplar.NetworkExplainer(model, batches(x, y, 4), store=tmp_path / "whole", shard_rows=6,
+                                      progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in the gradient pass (the data digest's pass yields 8), at batch 5
+        exemplar.NetworkExplainer(model, Killed(x, y, fail_after=8 + 5), store=tmp_path / "cut", shard_rows=6,
+                                  progress=False)
+    assert exemplar.storage.gradients.GradientStore(tmp_path / "cut").sizes == [6, 6, 6]
+    calls = forward_calls(model)
+    resumed = exemplar.NetworkExplainer(model, Killed(x, y), store=tmp_path / "cut", shard_rows=6, progress=False)
+    gradient_pass_calls = len(calls) - 2 * 8  # EK-FAC's two curvature passes run every batch
+    assert gradient_pass_calls == 8 - 4  # batches 0-3 (rows 0-15, within the 18 stored rows) were not run again
+    for name in ["manifest.json"] + [f"shard-0000{i}.safetensors" for i in range(5)]:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    torch.testing.assert_close(resumed.scores(batches(x, y), "if"), whole.scores(batches(x, y), "if"))
+
+
+def test_store_refuses_what_it_was_not_written_from(tmp_path):
+    model = mlp()
+    x, y = data(12)
+    path = tmp_path / "s"
+    make = lambda m=model, xx=x, **kw: exemplar.NetworkExplainer(m, batches(xx, y), store=path, progress=False,  # noqa: E731
+                                                                 **kw)
+    first = make()
+    before = first.scores(batches(x, y), "if")
+    for kw, match in [({"m": mlp(seed=9)}, "'model' differs"), ({"xx": x + 1}, "'data' differs"),
+                      ({"projection": 2}, "'layers' differs"), ({"shard_rows": 5}, "shard_rows")]:
+        with pytest.raises(ValueError, match=match):
+            make(**kw)
+    other = mlp(seed=9)
+    replaced = make(m=other, overwrite=True)
+    assert not torch.equal(replaced.scores(batches(x, y), "if"), before)
+    with pytest.raises(ValueError, match="does not match the manifest"):  # its store was replaced under it
+        first.scores(batches(x, y), "if")
+
+
+def test_damaged_store_files_are_refused(tmp_path):
+    model = mlp()
+    x, y = data(12)
+    path = tmp_path / "s"
+    exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
+    shard = path / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    e = exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)  # fit cached
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        e.scores(batches(x, y), "if")
+    fit = next((path / "fits").iterdir())
+    fit.write_bytes(fit.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="fits|unreadable|delete"):
+        exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
+    manifest = path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": "yes"'))
+    with pytest.raises(ValueError, match="complete"):
+        exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)

@@ -1,0 +1,83 @@
+"""NetworkExplainer(distributed=True) with gloo on CPU: 2 and 3 processes,
+each running the model on its own batches, give every method's answers
+equal to one process's; ranks given another model or other data are refused."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import exemplar
+
+pytestmark = pytest.mark.slow
+METHODS = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")
+
+
+def inputs(rank_variant=0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(23, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,), generator=g)
+    if rank_variant == 1:
+        x = x + 1  # other data on this rank
+    elif rank_variant == 2:
+        with torch.no_grad():
+            model[0].weight.add_(1)  # another model on this rank
+    train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 23, 4)]  # 6 batches, the last of 3 rows
+    test = [(x[:5] * 0.5, y[:5])]
+    return model, train, test
+
+
+def answers(e, test):
+    out = {}
+    for method in METHODS:
+        out[f"{method}.topk"] = tuple(e.topk(test, 7, method))
+        out[f"{method}.bottom"] = tuple(e.topk(test, 7, method, largest=False))
+        out[f"{method}.scores"] = e.scores(test, method)
+        out[f"{method}.self"] = e.self_influence(method)
+    out["subsets"] = e.subset_scores(test, torch.arange(23).remainder(torch.arange(1, 4).view(3, 1)) == 0, "if")
+    return out
+
+
+def worker(rank, world, init, curvature, variants, answer):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model, train, test = inputs(variants[rank])
+        try:
+            e = exemplar.NetworkExplainer(model, train, curvature=curvature, damping=0.01, distributed=True,
+                                          progress=False)
+        except ValueError as err:
+            torch.save(str(err), f"{answer}.{rank}")
+            return
+        torch.save(answers(e, test), f"{answer}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, curvature, variants, tmp_path):
+    init = f"file://{tmp_path}/rendezvous-{world}-{curvature}"
+    answer = str(tmp_path / f"answer-{world}-{curvature}")
+    mp.spawn(worker, args=(world, init, curvature, variants, answer), nprocs=world, join=True)
+    return [torch.load(f"{answer}.{rank}", weights_only=False) for rank in range(world)]
+
+
+@pytest.mark.parametrize("world,curvature", [(2, "ekfac"), (3, "exact")])
+def test_ranks_answer_as_one_process(world, curvature, tmp_path):
+    model, train, test = inputs()
+    one = answers(exemplar.NetworkExplainer(model, train, curvature=curvature, damping=0.01, progress=False), test)
+    for got in spawn(world, curvature, [0] * world, tmp_path):
+        for key, want in one.items():
+            if key.endswith(("topk", "bottom")):
+                assert torch.equal(got[key][1], want[1]), key
+                torch.testing.assert_close(got[key][0], want[0], rtol=1e-10, atol=1e-12)
+            else:
+                torch.testing.assert_close(got[key], want, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_ranks_with_other_data_or_models_are_refused(tmp_path):
+    for variants, field in (([0, 1], "data"), ([0, 2], "model")):
+        (tmp_path / field).mkdir()
+        errors = spawn(2, "kfac", variants, tmp_path / field)
+        assert all(isinstance(err, str) and f"{field}=" in err for err in errors), errors
