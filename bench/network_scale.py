@@ -37,6 +37,13 @@ def model_of(widths) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def timed(fn):
+    """(seconds, fn())."""
+    start = time.monotonic()
+    out = fn()
+    return time.monotonic() - start, out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", required=True, help="the gradient store's folder (replaced)")
@@ -65,21 +72,11 @@ def main(argv=None) -> dict:
     shutil.rmtree(args.store, ignore_errors=True)
     kw = dict(curvature="ekfac", fisher=args.fisher, projection=args.projection, store=args.store,
               damping=1e-3, progress=not args.smoke)
-    start = time.monotonic()
-    explainer = exemplar.NetworkExplainer(model, loader, **kw)
-    fit_s = time.monotonic() - start
-    start = time.monotonic()
-    top = explainer.topk(tests, 10, "if")
-    query_s = time.monotonic() - start
-    start = time.monotonic()
-    screened = explainer.topk(tests, 10, "if", precision="auto")  # the bf16 screen where it applies
-    auto_s = time.monotonic() - start
-    start = time.monotonic()
-    again = exemplar.NetworkExplainer(model, loader, **kw)
-    reuse_s = time.monotonic() - start
-    start = time.monotonic()
-    same = again.topk(tests, 10, "if")
-    requery_s = time.monotonic() - start
+    fit_s, explainer = timed(lambda: exemplar.NetworkExplainer(model, loader, **kw))
+    query_s, top = timed(lambda: explainer.topk(tests, 10, "if"))
+    auto_s, screened = timed(lambda: explainer.topk(tests, 10, "if", precision="auto"))  # the bf16 screen
+    reuse_s, again = timed(lambda: exemplar.NetworkExplainer(model, loader, **kw))
+    requery_s, same = timed(lambda: again.topk(tests, 10, "if"))
     row = {"parameters": params, "N": N, "T": T, "projection": args.projection, "fisher": args.fisher,
            "gradient_entries_per_example": sum(layer.width for layer in explainer.layers),
            "train_model_s": round(train_s, 1), "collect_and_fit_s": round(fit_s, 1),

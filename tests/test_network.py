@@ -210,6 +210,10 @@ def test_refusals():
         make(t=shuffled)
     with pytest.raises(ValueError, match="labels in batch 0"):
         make(t=[(x, y + 5)])
+    with pytest.raises(ValueError, match="labels in batch 0"):
+        make(t=[(x, y - 5)])
+    with pytest.raises(ValueError, match="batch 0 has no rows"):
+        make(t=[(x[:0], y[:0])] + train)
     with pytest.raises(ValueError, match="NaN or inf"):
         make(t=[(x * float("nan"), y)])
     frozen = mlp()
@@ -235,9 +239,14 @@ def test_refusals():
         e.topk(batches(x, y), 11)
     with pytest.raises(ValueError, match="subsets"):
         e.subset_scores(batches(x, y), torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        e.subset_scores(batches(x, y), torch.ones(2, 10))
     other = exemplar.NetworkExplainer(mlp(seed=5), train, progress=False)
     with pytest.raises(ValueError, match="another model"):
         e.scores(other.check_test(batches(x, y)))
+    projected = [exemplar.NetworkExplainer(model, train, projection=2, seed=s, progress=False) for s in (1, 2)]
+    with pytest.raises(ValueError, match="other projections"):  # same model and shapes, other projections
+        projected[0].scores(projected[1].check_test(batches(x, y)))
     with torch.no_grad():
         model[0].weight.add_(1.0)
     with pytest.raises(ValueError, match="changed since"):
@@ -337,6 +346,9 @@ def test_store_refuses_what_it_was_not_written_from(tmp_path):
 def test_damaged_store_files_are_refused(tmp_path):
     model = mlp()
     x, y = data(12)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        exemplar.NetworkExplainer(model, batches(x, y), store=tmp_path / "file", progress=False)
     path = tmp_path / "s"
     exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
     shard = path / "shard-00001.safetensors"

@@ -85,13 +85,7 @@ class LastLayer:
                 raise ValueError(f"model {type(model).__name__} has no nn.Linear: exemplar explains "
                                  "classifiers whose last layer is linear; pass layer= if it is wrapped")
             layer = linears[-1]
-        elif isinstance(layer, str):
-            try:
-                layer = model.get_submodule(layer)
-            except AttributeError as err:
-                raise ValueError(f"layer {layer!r} is not a submodule of the model") from err
-        if not isinstance(layer, nn.Module) or layer not in names:
-            raise ValueError("layer must be a submodule of the model (a name or the module itself)")
+        layer = submodule(model, names, layer, "layer")
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"layer {names[layer]!r} is {type(layer).__name__}, not nn.Linear: "
                              "the explained layer must be linear")
@@ -259,6 +253,21 @@ class LastLayer:
             bar.close()
             for module, training in modes:
                 module.training = training
+
+
+def submodule(model: nn.Module, names: dict, layer, argument: str) -> nn.Module:
+    """The submodule `layer` names (a name such as "classifier", or the module itself);
+    names: module -> name of the model's modules; argument: what the error calls it."""
+    module = layer
+    if isinstance(layer, str):
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError as err:
+            raise ValueError(f"{argument} {layer!r} is not a submodule of the model") from err
+    if not isinstance(module, nn.Module) or module not in names:
+        raise ValueError(f"{argument} must name a submodule of the model (a name or the module itself), got "
+                         f"{layer!r}")
+    return module
 
 
 def model_digest(model: nn.Module) -> str:

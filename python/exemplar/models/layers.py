@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data import integer_labels
-from .hooks import _split_batch, _to
+from .hooks import _batch_rows, _split_batch, _to, submodule
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 # Modules whose training-mode output for one example depends on the rest of
@@ -128,14 +128,7 @@ def choose_layers(model: nn.Module, layers, projection: int | None, seed: int) -
             layers = [layers]
         chosen = []
         for layer in layers:
-            module = layer
-            if isinstance(layer, str):
-                try:
-                    module = model.get_submodule(layer)
-                except AttributeError as err:
-                    raise ValueError(f"layers: {layer!r} is not a submodule of the model") from err
-            if not isinstance(module, nn.Module) or module not in names:
-                raise ValueError(f"layers: {layer!r} is not a submodule of the model (give names or modules)")
+            module = submodule(model, names, layer, "layers:")
             if not isinstance(module, SUPPORTED):
                 raise ValueError(f"layers: {names[module]!r} is {type(module).__name__}; exemplar attributes "
                                  "through nn.Linear and nn.Conv2d layers")
@@ -171,6 +164,8 @@ class Capture:
     def logits(self, batch, index: int):
         """(inputs to hooks captured, logits (B, C), labels (B,) or None) of one batch."""
         args, kwargs, y = _split_batch(batch)
+        if _batch_rows((*args, *kwargs.values()), y) == 0:
+            raise ValueError(f"batch {index} has no rows")
         args = tuple(_to(x, self.device) for x in args)
         kwargs = {key: _to(x, self.device) for key, x in kwargs.items()}
         out = self.model(*args, **kwargs)
@@ -182,9 +177,11 @@ class Capture:
         if not bool(torch.isfinite(logits).all()):
             raise ValueError(f"the model's logits contain NaN or inf in batch {index}")
         labels = None if y is None else integer_labels(y, f" in batch {index}").to(self.device)
-        if labels is not None and (labels.shape != logits.shape[:1] or int(labels.max()) >= logits.shape[1]):
-            raise ValueError(f"labels in batch {index} must be ({logits.shape[0]},) class indices < C = "
-                             f"{logits.shape[1]}, got shape {tuple(labels.shape)}")
+        if labels is not None and (labels.shape != logits.shape[:1] or int(labels.max()) >= logits.shape[1]
+                                   or int(labels.min()) < 0):
+            raise ValueError(f"labels in batch {index} must be ({logits.shape[0]},) class indices in [0, C = "
+                             f"{logits.shape[1]}), got shape {tuple(labels.shape)}, range [{int(labels.min())}, "
+                             f"{int(labels.max())}]")
         return logits, labels
 
     def run(self, batch, index: int, choose_labels):

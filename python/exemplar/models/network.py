@@ -51,12 +51,12 @@ class NetworkSettings:
 class TestGradients:
     """A test set run through the network once (NetworkExplainer.check_test):
     per layer (T, k_out, k_in) gradients of each test's loss for its
-    explained class, the logits (T, C), the explained labels (T,) and the
-    digest of the model they came from."""
+    explained class, the logits (T, C), the explained labels (T,) and a
+    digest of what they came from (the model, the layers, their projections)."""
     gradients: list[torch.Tensor]
     logits: torch.Tensor
     explained: torch.Tensor
-    model: str
+    source: str
 
     def __len__(self) -> int:
         return len(self.explained)
@@ -212,6 +212,11 @@ class NetworkExplainer:
             raise ValueError("the model's parameters or buffers changed since this NetworkExplainer was fitted; "
                              "build a new one for the changed model")
 
+    def _source(self) -> str:
+        """What test gradients depend on: the model, the layers and their projections (sizes and seed)."""
+        return digest(self.model_digest, json.dumps([self.settings.layers, self.settings.projection,
+                                                     self.settings.seed], sort_keys=True))[:16]
+
     def check_test(self, test) -> TestGradients:
         """test (a loader of (inputs...[, labels]) batches, or a TestGradients
         this explainer made) run through the network: each test's per-layer
@@ -219,9 +224,9 @@ class NetworkExplainer:
         labels, else the prediction)."""
         self._check_model()
         if isinstance(test, TestGradients):
-            if test.model != self.model_digest or [g.shape[1:] for g in test.gradients] != \
-                    [(layer.k_out, layer.k_in) for layer in self.layers]:
-                raise ValueError("test holds gradients of another model or other layers than this NetworkExplainer's")
+            if test.source != self._source():
+                raise ValueError("test holds gradients of another model, other layers or other projections than "
+                                 "this NetworkExplainer's; pass the test loader")
             return test
         grads, logits, explained = [[] for _ in self.layers], [], []
         bar = Progress("network: test gradients", len(test) if hasattr(test, "__len__") else None, self.progress)
@@ -236,7 +241,7 @@ class NetworkExplainer:
         if not logits:
             raise ValueError("test yielded no batches")
         return TestGradients([torch.cat(g) for g in grads], torch.cat(logits), torch.cat(explained),
-                             self.model_digest)
+                             self._source())
 
     def _test_side(self, grads: list[torch.Tensor], method: str) -> torch.Tensor:
         """(T, P') the test operator: H^-1 g_t per layer (or g_t), flattened and joined."""
@@ -343,8 +348,11 @@ class NetworkExplainer:
     def subset_scores(self, test, subsets: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """(T, M) float64: sum over each subset's rows of the scores, subsets
         (M, N) bool; what exemplar.lds predicts retraining with."""
-        if not isinstance(subsets, torch.Tensor) or subsets.dim() != 2 or subsets.shape[1] != self.num_train:
-            raise ValueError(f"subsets must be an (M, N={self.num_train}) bool tensor")
+        if not isinstance(subsets, torch.Tensor) or subsets.dim() != 2 or subsets.shape[1] != self.num_train \
+                or subsets.dtype != torch.bool:
+            raise ValueError(f"subsets must be an (M, N={self.num_train}) bool tensor, got "
+                             + (f"{tuple(subsets.shape)} {subsets.dtype}" if isinstance(subsets, torch.Tensor)
+                                else type(subsets).__name__))
         tested = self.check_test(test)
         total = torch.zeros(len(tested), len(subsets), dtype=torch.float64)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import DTYPES, StoreError, dtype_name, manifest_bytes
+from .manifest import DTYPES, StoreError, dtype_name, manifest_bytes, read_json
 from .saved import digest, first_difference, read, tensors_digest, write, write_atomic
 
 FORMAT = "exemplar-gradients"
@@ -42,12 +42,7 @@ def _layer_keys(j: int, layer: dict) -> dict[str, tuple]:
 
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
-    try:
-        m = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path} is not a gradient store (no {MANIFEST})") from None
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{file} is unreadable: {err}") from None
+    m = read_json(file, f"{path} is not a gradient store (no {MANIFEST})")
     checks = [("format", lambda v: v == FORMAT), ("version", lambda v: v == VERSION),
               ("source", lambda v: isinstance(v, dict)), ("dtype", lambda v: v in DTYPES),
               ("complete", lambda v: isinstance(v, bool)),
@@ -156,6 +151,8 @@ class GradientStoreWriter:
         if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
             raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"store={str(self.path)!r} is a file; a gradient store is a folder")
         fresh = {"format": FORMAT, "version": VERSION, "source": json.loads(json.dumps(source)), "layers": [],
                  "dtype": dtype_name(dtype), "shard_rows": shard_rows, "shards": [], "complete": False}
         if (self.path / MANIFEST).exists():

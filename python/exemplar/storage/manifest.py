@@ -64,15 +64,20 @@ def check_shard(path: Path, manifest: dict, shard: dict) -> None:
                          f"{shard['bytes']} (truncated or replaced)")
 
 
+def read_json(file: Path, missing: str):
+    """The JSON in `file`; a StoreError `missing` when there is none, or naming why it cannot be read."""
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise StoreError(missing) from None
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{file} is not a readable store manifest: {err}") from None
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest of the store at `path`, its fields' types checked; a StoreError names what is wrong."""
     file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path} is not a store: {MANIFEST} is missing") from None
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{file} is not a readable store manifest: {err}") from None
+    manifest = read_json(file, f"{path} is not a store: {MANIFEST} is missing")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{file} is not an exemplar store manifest (format is "
                          f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
