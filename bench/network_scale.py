@@ -50,9 +50,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--projection", type=int, default=64)
     parser.add_argument("--fisher", default="sampled")
+    parser.add_argument("--n", type=int, default=100_000, help="training examples (peak memory against N)")
     args = parser.parse_args(argv)
     N, T, widths, batch = (2000, 50, (64, 96, 64, 10), 500) if args.smoke else \
-        (100_000, 1000, (1024, 2560, 2048, 1024, 10), 1000)
+        (args.n, 1000, (1024, 2560, 2048, 1024, 10), 1000)
     torch.manual_seed(0)
     X = torch.randn(N + T, widths[0])
     with torch.no_grad():

@@ -21,5 +21,5 @@ def test_network_against_retraining_smoke(tmp_path):
     # the peer runs only where its venv is named (bench/network.py says how to make one)
     peer = os.environ.get("EXEMPLAR_PEER_PYTHON")
     rows = network.main(["--smoke", "--truth", str(tmp_path / "truth")] + (["--peer", peer] if peer else []))
-    ours = [r for r in rows if r["row"].startswith("exemplar network")]
+    ours = [r for r in rows if r["row"].startswith("exemplar network, if")]
     assert len(ours) == 4 and all(-1 <= r["lds"] <= 1 for r in ours)
