@@ -37,10 +37,15 @@ def model_of(widths) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def timed(fn):
-    """(seconds, fn())."""
+PEAKS = {}  # phase -> the process's peak RSS (MB) when it ended
+
+
+def timed(fn, phase=None):
+    """(seconds, fn()); records the peak RSS after it under `phase`."""
     start = time.monotonic()
     out = fn()
+    if phase:
+        PEAKS[phase] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return time.monotonic() - start, out
 
 
@@ -56,8 +61,9 @@ def main(argv=None) -> dict:
         (args.n, 1000, (1024, 2560, 2048, 1024, 10), 1000)
     torch.manual_seed(0)
     X = torch.randn(N + T, widths[0])
-    with torch.no_grad():
-        y = model_of(widths)(X).argmax(1)  # a random teacher's labels
+    teacher = model_of(widths)
+    with torch.no_grad():  # a random teacher's labels, in chunks (the whole set at once would set the peak RSS)
+        y = torch.cat([teacher(X[i:i + 4096]).argmax(1) for i in range(0, len(X), 4096)])
     model = model_of(widths)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -68,13 +74,14 @@ def main(argv=None) -> dict:
         opt.step()
     model.eval()
     train_s = time.monotonic() - start
+    PEAKS["data and model trained"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     loader = [(X[i:i + batch], y[i:i + batch]) for i in range(0, N, batch)]
     tests = [(X[N + i:N + i + batch], y[N + i:N + i + batch]) for i in range(0, T, batch)]
     shutil.rmtree(args.store, ignore_errors=True)
     kw = dict(curvature="ekfac", fisher=args.fisher, projection=args.projection, store=args.store,
               damping=1e-3, progress=not args.smoke)
-    fit_s, explainer = timed(lambda: exemplar.NetworkExplainer(model, loader, **kw))
-    query_s, top = timed(lambda: explainer.topk(tests, 10, "if"))
+    fit_s, explainer = timed(lambda: exemplar.NetworkExplainer(model, loader, **kw), "collected and fitted")
+    query_s, top = timed(lambda: explainer.topk(tests, 10, "if"), "queried")
     auto_s, screened = timed(lambda: explainer.topk(tests, 10, "if", precision="auto"))  # the bf16 screen
     reuse_s, again = timed(lambda: exemplar.NetworkExplainer(model, loader, **kw))
     requery_s, same = timed(lambda: again.topk(tests, 10, "if"))
@@ -87,6 +94,7 @@ def main(argv=None) -> dict:
            "same_answer_on_reuse": bool(torch.equal(top.indices, same.indices)),
            "store_mb": round(sum(f.stat().st_size for f in Path(args.store).rglob("*") if f.is_file()) / 2**20, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "peak_rss_mb_after": PEAKS,
            "threads": torch.get_num_threads()}
     print(json.dumps(row), flush=True)
     return row
