@@ -162,7 +162,7 @@ class Capture:
                              "batch or on chance, so per-example gradients would be wrong; call model.eval()")
 
     def logits(self, batch, index: int):
-        """(inputs to hooks captured, logits (B, C), labels (B,) or None) of one batch."""
+        """(logits (B, C), labels (B,) or None) of one batch, run through the model, checked."""
         args, kwargs, y = _split_batch(batch)
         if _batch_rows((*args, *kwargs.values()), y) == 0:
             raise ValueError(f"batch {index} has no rows")
@@ -185,9 +185,10 @@ class Capture:
         return logits, labels
 
     def run(self, batch, index: int, choose_labels):
-        """Runs one batch. choose_labels(logits, labels) -> a list of (B,) label
-        choices. Returns (logits, labels or None, per choice a list over the
-        layers of (delta (B, P, k_out), a (B, P, k_in))), detached."""
+        """Runs one batch. choose_labels(logits, labels) -> the label choices, a
+        list of (labels (B,), weights (B,) or None). Returns (logits, labels or
+        None, per choice (its labels, its weights, a list over the layers of
+        (delta (B, P, k_out), a (B, P, k_in)))), detached."""
         inputs, outputs = {}, {}
 
         def hook(layer, args, output):
@@ -210,9 +211,10 @@ class Capture:
         choices = choose_labels(logits.detach(), labels)
         tensors = [outputs[layer.name] for layer in self.layers]
         per_choice = []
-        for j, chosen in enumerate(choices):
+        for j, (chosen, weights) in enumerate(choices):
             loss = F.cross_entropy(logits, chosen, reduction="sum")
             grads = torch.autograd.grad(loss, tensors, retain_graph=j + 1 < len(choices), allow_unused=True)
-            per_choice.append([(layer.output_gradients(torch.zeros_like(t) if g is None else g.detach()),
-                                inputs[layer.name]) for layer, t, g in zip(self.layers, tensors, grads)])
+            per_choice.append((chosen, weights, [
+                (layer.output_gradients(torch.zeros_like(t) if g is None else g.detach()), inputs[layer.name])
+                for layer, t, g in zip(self.layers, tensors, grads)]))
         return logits.detach(), labels, per_choice

@@ -178,9 +178,8 @@ class NetworkExplainer:
         for index, batch in enumerate(loader):
             if index % self.group.world != self.group.rank:  # another rank's batch
                 continue
-            fisher = self._fisher(index)
-            logits, labels, per_choice = self.capture.run(batch, index, lambda z, y, f=fisher: [c for c, _ in f(z, y)])
-            yield [(weights, captured) for (_, weights), captured in zip(fisher(logits, labels), per_choice)]
+            _, _, per_choice = self.capture.run(batch, index, self._fisher(index))
+            yield [(weights, captured) for _, weights, captured in per_choice]
             bar.update()
         bar.close()
 
@@ -231,10 +230,11 @@ class NetworkExplainer:
         grads, logits, explained = [[] for _ in self.layers], [], []
         bar = Progress("network: test gradients", len(test) if hasattr(test, "__len__") else None, self.progress)
         for index, batch in enumerate(test):
-            z, y, per_choice = self.capture.run(batch, index, lambda z, y: [z.argmax(1) if y is None else y])
-            explained.append((z.argmax(1) if y is None else y).cpu())
+            z, _, [(chosen, _, captured)] = self.capture.run(
+                batch, index, lambda z, y: [(z.argmax(1) if y is None else y, None)])
+            explained.append(chosen.cpu())
             logits.append(z.cpu())
-            for j, (d, a) in enumerate(per_choice[0]):
+            for j, (d, a) in enumerate(captured):
                 grads[j].append((d.transpose(1, 2) @ a).cpu())
             bar.update()
         bar.close()

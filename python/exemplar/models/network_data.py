@@ -139,9 +139,10 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
                                  "distributed=True needs them")
             start += n
             continue
-        _, labels, per_choice = explainer.capture.run(batch, index, lambda logits, y, i=index: [_labels(y, i)])
+        _, labels, [(_, _, captured)] = explainer.capture.run(batch, index,
+                                                              lambda logits, y, i=index: [(_labels(y, i), None)])
         grads = [LayerGradients(tuple(x.cpu() for x in layer.gradient(d, a)))
-                 for layer, (d, a) in zip(layers, per_choice[0])]
+                 for layer, (d, a) in zip(layers, captured)]
         if writer is None:
             for j, g in enumerate(grads):
                 parts[j].append(g)
