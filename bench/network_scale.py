@@ -13,8 +13,8 @@ quality (bench/network.py measures that against retraining). The queries
 run exact (NetworkExplainer's default) and again with precision="auto" (the
 bf16 screen where it applies), in the same process. A second
 NetworkExplainer on the same store answers without running the model on the
-training set (gradients from the shards, curvature from the fit cache):
-its time is the "reuse" row."""
+training set beyond the probe's first batch (gradients from the shards,
+curvature from the fit cache): its time is the "reuse" row."""
 from __future__ import annotations
 
 import argparse

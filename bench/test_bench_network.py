@@ -3,6 +3,7 @@ asserted; the real numbers are in bench/RESULTS.md, "Whole-network attribution")
 import os
 
 import network
+import network_probe
 import network_scale
 import network_scoring
 
@@ -23,3 +24,8 @@ def test_network_against_retraining_smoke(tmp_path):
     rows = network.main(["--smoke", "--truth", str(tmp_path / "truth")] + (["--peer", peer] if peer else []))
     ours = [r for r in rows if r["row"].startswith("exemplar network, if")]
     assert len(ours) == 4 and all(-1 <= r["lds"] <= 1 for r in ours)
+
+
+def test_network_probe_smoke():
+    row = network_probe.main(["--smoke"])
+    assert row["probe_s"] > 0 and row["construction_s"] > row["probe_s"]

@@ -9,6 +9,18 @@ import exemplar
 from exemplar import ops
 
 
+def model_inputs(n, d=7, c=3, seed=0, shape=None):
+    """(x (n, d) or (n, *shape) float64, labels (n,) in [0, c)): a model's training examples."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *(shape or (d,)), generator=g, dtype=torch.float64)
+    return x, torch.randint(0, c, (n,), generator=g)
+
+
+def batches(x, y, size=5):
+    """(x, y) in a list of (inputs, labels) batches of `size` rows, in order."""
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
 def make_data(n, c, d, dtype=torch.float64, seed=0, labels=True, device="cpu"):
     """Random last-layer data with logits of realistic spread; never zeros."""
     g = torch.Generator().manual_seed(seed)

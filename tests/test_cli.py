@@ -1,6 +1,7 @@
 """The `exemplar` command line over saved features: fit, topk, self-influence,
 report; its results equal the Python API's, and bad files give one clear line."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,14 @@ def test_evaluate_equals_the_api(files, capsys):
     assert "exemplar evaluate: error: fraction must be a number in (0, 1), got 1.5" in capsys.readouterr().err
     assert main(["evaluate", fit, tests, "-o", str(folder / "y.csv"), "--weight-decay", "0"]) == 2
     assert "weight_decay must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_job_folder_before_any_work(files, capsys, tmp_path):
+    folder, *_ = files
+    fit, tests = str(folder / "fit.safetensors"), str(folder / "test.safetensors")
+    for job, output, message in [(fit, tmp_path / "a.csv", "--job .*is a file"),
+                                 (tmp_path / "b.html", tmp_path / "b.html", "--job .*is also the output"),
+                                 (tests, tmp_path / "c.csv", "--job .*is a file")]:
+        assert main(["evaluate", fit, tests, "-o", str(output), "--subsets", "6", "--job", str(job)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not output.exists()

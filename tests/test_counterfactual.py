@@ -343,8 +343,6 @@ def test_retrain_head_bad_input(kwargs, message):
 
 
 def test_retrain_model_bad_input():
-    with pytest.raises(ValueError, match=r"returned shape \(2,\)"):
-        exemplar.retrain_model(lambda mask: torch.zeros(2), 10, 3, subsets=2)
     with pytest.raises(TypeError, match="retrain must be a callable"):
         exemplar.retrain_model("train.py", 10, 3)
     with pytest.raises(ValueError, match=r"num_tests must be an integer in \[1"):
@@ -357,3 +355,12 @@ def test_a_layer_that_is_not_the_minimiser_is_flagged():
     with pytest.warns(UserWarning, match="not the minimiser of this objective"):
         truth = exemplar.retrain_head(train, test, LAMBDA, weight=W, bias=b, subsets=3)
     assert truth.meta["layer_gap"] > 1e-2
+
+
+@pytest.mark.parametrize("returned,what", [(None, r"None \(a forgotten return\?\)"), ({"a": 1.0}, "a dict"),
+                                           (["a", "b", "c"], "a list"), ("abc", "a str"),
+                                           (torch.zeros(3, dtype=torch.bool), r"a torch.bool tensor of shape \(3,\)"),
+                                           ([1.0, 2.0], r"a torch.float32 tensor of shape \(2,\)")])
+def test_retrain_model_names_the_callback_and_the_subset_when_it_returns_no_outputs(returned, what):
+    with pytest.raises(ValueError, match=rf"retrain\(mask\) for subset 0 returned {what}; expected \(3,\) real"):
+        exemplar.retrain_model(lambda mask: returned, 10, 3, subsets=4)

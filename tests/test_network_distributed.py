@@ -24,7 +24,11 @@ def inputs(rank_variant=0):
     elif rank_variant == 2:
         with torch.no_grad():
             model[0].weight.add_(1)  # another model on this rank
+    elif rank_variant == 4:
+        x[5, 0] = float("nan")  # batch 1, which rank 1 runs: only rank 1 sees the non-finite logits
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 23, 4)]  # 6 batches, the last of 3 rows
+    if rank_variant == 3:
+        train = [(x, y)]  # one batch for two ranks
     test = [(x[:5] * 0.5, y[:5])]
     return model, train, test
 
@@ -46,7 +50,8 @@ def worker(rank, world, init, curvature, variants, answer):
     try:
         model, train, test = inputs(variants[rank])
         try:
-            e = exemplar.NetworkExplainer(model, train, curvature=curvature, damping=0.01, distributed=True,
+            e = exemplar.NetworkExplainer(model, train, curvature=curvature, distributed=True,
+                                          damping=0.02 if variants[rank] == 5 else 0.01,
                                           progress=False)
         except ValueError as err:
             torch.save(str(err), f"{answer}.{rank}")
@@ -76,8 +81,16 @@ def test_ranks_answer_as_one_process(world, curvature, tmp_path):
                 torch.testing.assert_close(got[key], want, rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_ranks_with_other_data_or_models_are_refused(tmp_path):
-    for variants, field in (([0, 1], "data"), ([0, 2], "model")):
+def test_ranks_with_other_data_models_or_settings_are_refused(tmp_path):
+    for variants, field in (([0, 1], "data"), ([0, 2], "model"), ([0, 5], "damping")):
         (tmp_path / field).mkdir()
         errors = spawn(2, "kfac", variants, tmp_path / field)
-        assert all(isinstance(err, str) and f"{field}=" in err for err in errors), errors
+        assert all(isinstance(err, str) and f"{field}=" in err and len(err) < 300 for err in errors), errors
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank_before_any_collective(tmp_path):
+    for variant, match in ((3, "1 batch"), (4, "NaN or inf")):
+        (tmp_path / str(variant)).mkdir()
+        errors = spawn(2, "ekfac", [variant, variant], tmp_path / str(variant))
+        assert all(isinstance(err, str) and match in err for err in errors), errors
+        assert errors[0] == errors[1]

@@ -95,6 +95,16 @@ def _output(args, allowed=OUTPUTS, inputs=()) -> Path:
     return path
 
 
+def _job_folder(job, output: Path) -> None:
+    """--job checked with the other paths before any work: a folder, neither a file nor the output."""
+    path = Path(job) if job is not None else None
+    if path is not None and path.exists() and not path.is_dir():
+        raise CommandError(f"--job {path} is a file: --job names a folder that keeps the retrains (new, or one "
+                           "an earlier run of this job wrote)")
+    if path is not None and path.resolve() == output.resolve():
+        raise CommandError(f"--job {path} is also the output -o {output}: the job folder and the output must differ")
+
+
 def _write_table(frame, path: Path) -> None:
     if path.suffix == ".csv":
         frame.to_csv(path, index=False)
@@ -254,6 +264,7 @@ def evaluate(args) -> None:
     names = _methods(args.methods)
     _checked(attr, test, args.test, 1, 0)
     out = _output(args, (".csv", ".parquet", ".html"), (args.fit, args.test))
+    _job_folder(args.job, out)
     decay = attr.settings.damping if args.weight_decay is None else args.weight_decay
     layer = {} if attr.theta is None else {"weight": attr.theta[:, :attr.num_features],
                                            "bias": attr.theta[:, -1] if attr.settings.bias else False}

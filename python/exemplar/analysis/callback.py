@@ -23,6 +23,22 @@ def _takes_seed(fn) -> bool:
         return False
 
 
+def _outputs(result, j: int, num_tests: int) -> torch.Tensor:
+    """The callback's result for subset j as a (num_tests,) real tensor; a
+    ValueError naming the callback, the subset and what came back otherwise."""
+    try:
+        values = torch.as_tensor(result.detach() if isinstance(result, torch.Tensor) else result)
+    except (TypeError, ValueError, RuntimeError):  # None, a dict, strings: torch's message names none of them
+        values = None
+    if values is None or values.shape != (num_tests,) or values.dtype == torch.bool or values.dtype.is_complex:
+        what = "None (a forgotten return?)" if result is None else \
+            f"a {values.dtype} tensor of shape {tuple(values.shape)}" if values is not None else \
+            f"a {type(result).__name__}"
+        raise ValueError(f"retrain(mask) for subset {j} returned {what}; expected ({num_tests},) real outputs, "
+                         "one per test (a tensor or a sequence of numbers)")
+    return values
+
+
 def retrain_model(retrain, num_train: int, num_tests: int, *, subsets: int = 100, fraction: float = 0.5,
                   seed: int = 0, target: str = "log_prob", out: str | os.PathLike | None = None,
                   progress: bool | None = None) -> Retraining:
@@ -60,11 +76,7 @@ def retrain_model(retrain, num_train: int, num_tests: int, *, subsets: int = 100
     def block(j):
         mask = masks[j].clone()
         result = retrain(mask, int(seeds[j])) if with_seed else retrain(mask)
-        values = torch.as_tensor(result.detach() if isinstance(result, torch.Tensor) else result)
-        if values.shape != (num_tests,) or values.dtype == torch.bool or values.dtype.is_complex:
-            raise ValueError(f"retrain(mask) for subset {j} returned shape {tuple(values.shape)} "
-                             f"{values.dtype}; expected ({num_tests},) real outputs, one per test")
-        return {"outputs": values.double().cpu()}
+        return {"outputs": _outputs(result, j, num_tests).double().cpu()}
 
     expected = lambda j: {"outputs": ((num_tests,), torch.float64)}
     meta = dict(kind="subsets", N=num_train, T=num_tests, seed=seed, fraction=fraction, target=target,

@@ -1,9 +1,8 @@
 """Attributor: the facade over the engine (docs/design.md §1, §3, §4). It
 resolves the method and checks the test set once per call, then hands the
-checked objects to the parts: Settings (settings.py), passes over the
-training set's blocks (passes.py), the fitted state methods see (fitted.py),
-saved state (state.py) and the process group (distributed.py). It holds no
-per-method or per-backend code."""
+checked objects to the parts: Settings (settings.py), passes over the blocks
+(passes.py), the fitted state methods see (fitted.py), saved state (state.py)
+and the process group (distributed.py); no per-method or per-backend code."""
 from __future__ import annotations
 
 import os
@@ -73,8 +72,10 @@ class Attributor:
             raise ValueError("features have D=0 columns and bias=False: there is no parameter to attribute")
         train_set.check_magnitude()
         group = ProcessGroup.default() if distributed else ProcessGroup.single()
-        if group.distributed:
-            group.agree("training sets", {"train": train_set.fingerprint()}, {"train": train_set.describe()})
+        if group.distributed:  # the same rows, cut into the same blocks (ranks split the work by block)
+            sizes, held = train_set.blocks().sizes, train_set.describe()
+            group.agree("training sets", {"train": train_set.fingerprint(), "blocks": digest(str(sizes))[:16]},
+                        {"train": held, "blocks": f"{held} in {len(sizes)} blocks of {sizes[0]} rows"})
         self._setup(train_set, settings, group, progress)
         theta = theta_from_layer(weight, bias, self._passes)
         self._identity = FitIdentity(settings, train_set, theta)

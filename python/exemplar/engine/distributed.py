@@ -80,6 +80,34 @@ class ProcessGroup:
                     f"ranks {ranks} have {name}={shown[ranks[0]]!r}" for ranks in groups.values())
                     + f"; every rank must be given the same {name}")
 
+    def together(self, steps):
+        """Yields what the iterable `steps` yields on this rank. When it ends or
+        raises, the ranks compare notes (one small all_gather_object): if any
+        rank raised, every rank raises the same error (the lowest failing
+        rank's, as a ValueError or TypeError when it was one, else a
+        RuntimeError), so no rank is left waiting in a collective its peers
+        never reach. One process: the error as it was raised."""
+        try:
+            yield from steps
+            failure = None
+        except Exception as err:
+            if not self.distributed:
+                raise
+            failure = err
+        if not self.distributed:
+            return
+        seen = [None] * self.world
+        dist.all_gather_object(seen, None if failure is None else (type(failure).__name__, str(failure)))
+        failed = [(rank, note) for rank, note in enumerate(seen) if note is not None]
+        if failed:
+            rank, (kind, message) = failed[0]
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+            raise cls(f"rank {rank} of {self.world}: {message}") from failure
+
+    def call_together(self, fn):
+        """fn()'s result, its errors raised on every rank alike (together)."""
+        return list(self.together(fn() for _ in range(1)))[0]  # exhausted, so the ranks compare notes
+
     def all_true(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (a collective decision)."""
         if not self.distributed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +37,20 @@ def _split_batch(batch):
         return tuple(batch), {}, None
     raise TypeError("each batch must be a tensor of inputs, a tuple (inputs..., labels) or a dict of "
                     f"keyword inputs (with 'labels'), got {type(batch).__name__}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Every module of `model` in eval mode inside, each module's own mode
+    restored after (also on an error): attribution explains the deterministic
+    model, with dropout off and normalisation by its running statistics."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _to(x, device):
@@ -216,13 +231,11 @@ class LastLayer:
         def hook(module, inputs, output):
             captured["x"], captured["z"] = inputs[0], output
 
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
         handle = self.layer.register_forward_hook(hook)
         bar = Progress(f"collect {self.name}", len(loader) if hasattr(loader, "__len__") else None, progress)
         start, first = 0, True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.model):
                 for i, batch in enumerate(loader):
                     args, kwargs, y = _split_batch(batch)
                     writer = skip() if skip is not None else None
@@ -251,8 +264,6 @@ class LastLayer:
         finally:
             handle.remove()
             bar.close()
-            for module, training in modes:
-                module.training = training
 
 
 def submodule(model: nn.Module, names: dict, layer, argument: str) -> nn.Module:

@@ -6,6 +6,7 @@ same top-k op as the last layer."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,8 +23,9 @@ from ..storage.gradients import DEFAULT_SHARD_ROWS
 from ..storage.saved import digest
 from .hooks import model_digest
 from .layer_curvature import ExactLayer, KroneckerLayer
-from .layers import Capture, choose_layers
+from .layers import Capture, capture_dtype, choose_layers, unwrapped
 from .network_data import collect, data_digest
+from .probe import probe
 
 # method -> (preconditioned test side, training-row normaliser)
 METHODS = {"if": (True, None), "theta_relatif": (True, "theta"), "l_relatif": (True, "quad"),
@@ -77,11 +79,18 @@ class NetworkExplainer:
 
     Arguments:
         model: the classifier; its output (or output(model's output)) is the
-            logits (B, C). BatchNorm and dropout must be in eval mode.
+            logits (B, C), C >= 2 (a single sigmoid logit: see layers.TWO_LOGITS).
+            Every pass runs it in eval mode (dropout off, BatchNorm on its
+            running statistics), each module's own mode restored after.
         train_loader: (inputs..., labels) batches in a fixed order; indices
-            are positions in that order.
-        layers: names or modules of the layers (None: every trainable
-            nn.Linear and nn.Conv2d).
+            are positions in that order. Its first batch is run whole and in
+            two halves first (probe.py): a model whose output for an example
+            depends on the rest of its batch or on chance is refused.
+        layers: names or modules of the layers (None: every nn.Linear and
+            nn.Conv2d with a trainable parameter, less those no gradient
+            reaches in the first batch, which are named in a warning). Only
+            trainable parameters are attributed; modules sharing a weight are
+            one layer, its gradient summed over their uses.
         curvature: per layer, "exact" (the layer's whole Fisher, for layers of at
             most layer_curvature.EXACT_MAX_WIDTH gradient entries: the most
             faithful), "ekfac" (K-FAC's eigenbasis, eigenvalues refitted in it)
@@ -103,8 +112,8 @@ class NetworkExplainer:
             there (storage/gradients.py) instead of memory, recording the
             model's digest, the layers and projections and a digest of the
             loader's data; rerun after an interrupt it continues from its last
-            complete shard, and a complete one is read without running the
-            model on the training set (the curvature too, from its fit cache).
+            complete shard, and a complete one is read with no model pass
+            beyond the probe's (the curvature too, from its fit cache).
             A store another model, data, projection or seed wrote is refused.
         shard_rows: rows per shard; overwrite: replace a store another source wrote.
         distributed: run on every rank of the default torch.distributed process
@@ -137,19 +146,27 @@ class NetworkExplainer:
         if output is not None and not callable(output):
             raise TypeError(f"output must be None or a callable taking the model's output, got {output!r}")
         self.method = _method(method)
+        model = unwrapped(model)
         self.model, self.progress = model, progress
-        self.layers = choose_layers(model, layers, projection, seed)
+        self.group = ProcessGroup.default() if distributed else ProcessGroup.single()
+        chosen = Capture(model, choose_layers(model, layers, projection, seed), output)
+        self.capture, left_out = self.group.call_together(lambda: probe(chosen, train_loader, layers is not None))
+        if left_out:
+            warnings.warn(left_out, stacklevel=2)
+        self.layers = self.capture.layers
         self.settings = NetworkSettings(tuple(layer.describe() for layer in self.layers), curvature,
                                         float(damping), fisher, projection, seed)
-        self.dtype = next(iter(model.parameters())).dtype
-        self.capture = Capture(model, self.layers, output)
-        self.capture.check_model()
+        self.dtype = capture_dtype(model)
         self.model_digest = model_digest(model)
-        self.group = ProcessGroup.default() if distributed else ProcessGroup.single()
         if self.group.distributed:
-            self.group.agree("NetworkExplainer settings, models or training data", {
-                "settings": self.settings.to_dict(), "model": self.model_digest, "data": data_digest(train_loader)})
-        self.train = collect(self, train_loader, store, shard_rows, overwrite)
+            data, batches = data_digest(train_loader)
+            self.group.agree("NetworkExplainer settings, models or training data",
+                             {**self.settings.to_dict(), "model": self.model_digest, "data": data})
+            if batches < self.group.world:
+                raise ValueError(f"train_loader has {batches} batch{'es' * (batches != 1)} for "
+                                 f"{self.group.world} ranks (distributed=True gives each rank whole batches): "
+                                 "use smaller batches or fewer ranks")
+        self.train = self.group.call_together(lambda: collect(self, train_loader, store, shard_rows, overwrite))
         self.num_train = len(self.train)
         self.curvatures = self._fit_curvature(train_loader)
         self._norms: dict[str, torch.Tensor] = {}
@@ -173,15 +190,18 @@ class NetworkExplainer:
 
     def _curvature_passes(self, loader):
         """Yields per batch the Fisher's label choices [(weights (B,) or None,
-        [per layer (delta (B, P, k_out), a (B, P, k_in))])]: one model pass."""
-        bar = Progress("network: curvature", len(loader) if hasattr(loader, "__len__") else None, self.progress)
-        for index, batch in enumerate(loader):
-            if index % self.group.world != self.group.rank:  # another rank's batch
-                continue
-            _, _, per_choice = self.capture.run(batch, index, self._fisher(index))
-            yield [(weights, captured) for _, weights, captured in per_choice]
-            bar.update()
-        bar.close()
+        [per layer (delta (B, P, k_out), a (B, P, k_in))])]: one model pass
+        over this rank's batches, its errors raised on every rank."""
+        def local():
+            bar = Progress("network: curvature", len(loader) if hasattr(loader, "__len__") else None, self.progress)
+            for index, batch in enumerate(loader):
+                if index % self.group.world != self.group.rank:  # another rank's batch
+                    continue
+                _, _, per_choice = self.capture.run(batch, index, self._fisher(index))
+                yield [(weights, captured) for _, weights, captured in per_choice]
+                bar.update()
+            bar.close()
+        return self.group.together(local())
 
     def _fit_curvature(self, loader) -> list:
         """Each layer's curvature from the Fisher's gradients (passes over the

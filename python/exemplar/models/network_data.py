@@ -90,14 +90,16 @@ class TrainingGradients:
             start += rows
 
 
-def data_digest(loader) -> str:
-    """A digest of every batch the loader yields (inputs and labels), in order:
-    what a gradient store records of the data it was collected from."""
-    parts = []
+def data_digest(loader) -> tuple[str, int]:
+    """(a digest of every batch the loader yields (inputs and labels), in order:
+    what a gradient store records of the data it was collected from, the
+    number of batches)."""
+    parts, batches = [], 0
     for batch in loader:
         args, kwargs, y = _split_batch(batch)
         parts += [x for x in (*args, *(kwargs[k] for k in sorted(kwargs)), y) if isinstance(x, torch.Tensor)]
-    return digest(*parts)[:16]
+        batches += 1
+    return digest(*parts)[:16], batches
 
 
 def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
@@ -115,7 +117,7 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
                          "or drop store= (each rank then holds its own batches' gradients in memory)")
     if store is not None:
         source = {"model": explainer.model_digest, "layers": [layer.describe() for layer in layers],
-                  "seed": explainer.settings.seed, "data": data_digest(loader),
+                  "seed": explainer.settings.seed, "data": data_digest(loader)[0],
                   "order": None if order is None else digest(json.dumps(list(map(int, order))))[:16]}
         writer = GradientStoreWriter(store, source, explainer.dtype, shard_rows, overwrite)
         for layer, recorded in zip(layers, writer.layers):
@@ -162,8 +164,6 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
     if writer is not None:
         finished = writer.finish()
         return TrainingGradients(len(finished), store=finished)
-    if not owned:
-        raise ValueError(f"rank {group.rank} of {group.world} got no batch: the loader has fewer batches than ranks")
     return TrainingGradients(start, torch.cat(owned), [LayerGradients(tuple(torch.cat(x) for x in zip(
         *(g.tensors for g in p)))) for p in parts])
 

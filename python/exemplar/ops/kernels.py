@@ -3,6 +3,8 @@ torch.compile and opcheck trace them. Shapes: N train, T test, C classes,
 Dp feature columns (bias column included)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .. import _C  # noqa: F401  (loads the op registrations)
@@ -185,54 +187,70 @@ def screened_topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = T
 # ------------------------------------------------------------------ fake kernels
 
 
-@torch.library.register_fake("exemplar::residuals")
+def _fake(*names: str):
+    """Registers the decorated function as the fake (and meta) kernel of each
+    exemplar::<name>, after the check every device's kernel runs first: all
+    tensor operands on one device (csrc/checks.h's message), so an operand on
+    the meta device among CPU ones is refused, not answered with memory the
+    fake kernel allocated."""
+    def register(fn):
+        params = list(inspect.signature(fn).parameters)
+        for name in names:
+            def checked(*args, name=name):
+                tensors = [(p, a) for p, a in zip(params, args) if isinstance(a, torch.Tensor)]
+                first, ref = tensors[0]
+                for p, t in tensors[1:]:
+                    if t.device != ref.device:
+                        raise RuntimeError(f"exemplar::{name}: {p} is on {t.device} but {first} is on {ref.device}")
+                return fn(*args)
+            torch.library.register_fake(f"exemplar::{name}")(checked)
+        return fn
+    return register
+
+
+@_fake("residuals")
 def _(logits, labels):
     return torch.empty_like(logits)
 
 
-@torch.library.register_fake("exemplar::kfac_factors")
+@_fake("kfac_factors")
 def _(phi, logits):
     dp, c = phi.shape[1], logits.shape[1]
     return phi.new_empty(dp, dp, dtype=torch.float64), phi.new_empty(c, c, dtype=torch.float64)
 
 
-@torch.library.register_fake("exemplar::ekfac_eigenvalues")
+@_fake("ekfac_eigenvalues")
 def _(phi, logits, qa, qg):
     return phi.new_empty(logits.shape[1], phi.shape[1], dtype=torch.float64)
 
 
-@torch.library.register_fake("exemplar::exact_hessian")
+@_fake("exact_hessian")
 def _(phi, logits):
     n = logits.shape[1] * phi.shape[1]
     return phi.new_empty(n, n, dtype=torch.float64)
 
 
-@torch.library.register_fake("exemplar::eigenbasis_norms")
+@_fake("eigenbasis_norms")
 def _(r, phi, qg, qa, w):
     return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
 
 
-@torch.library.register_fake("exemplar::dense_norms")
-def _(r, phi, hinv):
+@_fake("dense_norms", "cholesky_norms")
+def _(r, phi, factor):
     return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
 
 
-@torch.library.register_fake("exemplar::cholesky_norms")
-def _(r, phi, chol):
-    return r.new_empty(r.shape[0]), r.new_empty(r.shape[0])
-
-
-@torch.library.register_fake("exemplar::cholesky_quad_norms")
+@_fake("cholesky_quad_norms")
 def _(r, phi, chol):
     return r.new_empty(r.shape[0])
 
 
-@torch.library.register_fake("exemplar::scores")
+@_fake("scores")
 def _(s, r, phi, inv_norm):
     return r.new_empty(s.shape[0], r.shape[0])
 
 
-@torch.library.register_fake("exemplar::scores_rank1")
+@_fake("scores_rank1")
 def _(alpha, beta, r, phi, inv_norm):
     return r.new_empty(alpha.shape[0], r.shape[0])
 
@@ -242,19 +260,21 @@ def _fake_topk(rows, r, k):
     return r.new_empty(rows, k), r.new_empty(rows, k, dtype=torch.int64)
 
 
-for _general, _rank1 in TOPK_KERNELS.values():
-    torch.library.register_fake(f"exemplar::{_general}")(
-        lambda s, r, phi, inv_norm, k, largest: _fake_topk(s.shape[0], r, k))
-    torch.library.register_fake(f"exemplar::{_rank1}")(
-        lambda alpha, beta, r, phi, inv_norm, k, largest: _fake_topk(alpha.shape[0], r, k))
+@_fake(*(general for general, _ in TOPK_KERNELS.values()))
+def _(s, r, phi, inv_norm, k, largest):
+    return _fake_topk(s.shape[0], r, k)
 
 
-def _fake_screened(rows, r, k):
-    values, indices = _fake_topk(rows, r, k)
-    return values, indices, r.new_empty(rows, dtype=torch.int64)
+@_fake(*(rank1 for _, rank1 in TOPK_KERNELS.values()))
+def _(alpha, beta, r, phi, inv_norm, k, largest):
+    return _fake_topk(alpha.shape[0], r, k)
 
 
-torch.library.register_fake("exemplar::screened_topk")(
-    lambda s, r, phi, inv_norm, k, largest: _fake_screened(s.shape[0], r, k))
-torch.library.register_fake("exemplar::screened_topk_rank1")(
-    lambda alpha, beta, r, phi, inv_norm, k, largest: _fake_screened(alpha.shape[0], r, k))
+@_fake("screened_topk")
+def _(s, r, phi, inv_norm, k, largest):
+    return (*_fake_topk(s.shape[0], r, k), r.new_empty(s.shape[0], dtype=torch.int64))
+
+
+@_fake("screened_topk_rank1")
+def _(alpha, beta, r, phi, inv_norm, k, largest):
+    return (*_fake_topk(alpha.shape[0], r, k), r.new_empty(alpha.shape[0], dtype=torch.int64))

@@ -27,6 +27,8 @@ class ResultFolder:
     def __init__(self, path: str | os.PathLike, settings: dict):
         self.path = Path(path)
         manifest = self.path / "job.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not a job folder: use another out= folder")
         if manifest.exists():
             try:
                 held = json.loads(manifest.read_text())

@@ -14,6 +14,8 @@ FORMAT = "exemplar-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_ROWS = 65536
+# Rows per chunk of the content fingerprint (content.py), on a grid fixed whatever the shard size.
+CONTENT_ROWS = 4096
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
 
@@ -96,7 +98,27 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(f"{file}: field 'dtype' is {manifest['dtype']!r}, expected one of {tuple(DTYPES)}")
     for i, shard in enumerate(manifest["shards"]):
         _check_shard_entry(file, i, shard)
+    _check_content(file, manifest)
     return manifest
+
+
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
+def _check_content(file: Path, manifest: dict) -> None:
+    """The content digests (content.py), read like user input: a chunk digest
+    for every complete chunk of the rows written, and the fingerprint once
+    complete. Both are optional: stores written before them are read for them."""
+    chunks = manifest.get("content_chunks")
+    rows = sum(shard["rows"] for shard in manifest["shards"])
+    if chunks is not None and (not isinstance(chunks, list) or len(chunks) != rows // CONTENT_ROWS
+                               or not all(isinstance(c, str) and _DIGEST.fullmatch(c) for c in chunks)):
+        raise StoreError(f"{file}: field 'content_chunks' must list {rows // CONTENT_ROWS} digests of 16 hex digits "
+                         f"(one per {CONTENT_ROWS} of the {rows} rows), got "
+                         f"{len(chunks) if isinstance(chunks, list) else type(chunks).__name__}")
+    content = manifest.get("content")
+    if content is not None and not (isinstance(content, str) and _DIGEST.fullmatch(content)):
+        raise StoreError(f"{file}: field 'content' must be 16 hex digits, got {content!r}")
 
 
 _SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")

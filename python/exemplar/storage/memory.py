@@ -6,7 +6,7 @@ import torch
 
 from ..data import LastLayerData, check_magnitude, largest_sq_norm
 from .blocks import Block, Blocks, Columns, TrainingSet, block_rows
-from .saved import digest
+from .content import content_fingerprint
 
 
 class TensorBlocks(Blocks):
@@ -92,7 +92,7 @@ class InMemory(TrainingSet):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # one pass over the tensors, on first use
-            self._fingerprint = digest(self.data.features, self.data.logits, self.data.labels)[:16]
+            self._fingerprint = content_fingerprint(self.data.features, self.data.logits, self.data.labels)
         return self._fingerprint
 
     def describe(self) -> str:

@@ -4,7 +4,9 @@ A store is a folder:
 
     manifest.json               format, version, D, C, dtype, shard_rows, source,
                                 and per shard: file, rows, bytes, CRC-32, the
-                                largest squared feature norm; "complete" once written
+                                largest squared feature norm; the content's chunk
+                                digests (content.py) as they are written, and
+                                "complete" and the content fingerprint once written
     shard-00000.safetensors     features (n, D), logits (n, C), labels (n,) int64,
                                 index (n,) int64: the examples' positions in the dataset
     fits/<tag>/                 what Attributors fitted on it (curvature, refits,
@@ -31,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from .. import _C
 from ..data import FLOAT_DTYPES, LastLayerData, check_labels_in_range, check_magnitude, largest_sq_norm
 from .blocks import Block, Blocks, TrainingSet
+from .content import ContentDigest
 from .fitcache import StoreColumns
 from .manifest import (
     DEFAULT_SHARD_ROWS,
@@ -82,11 +85,15 @@ class Store(TrainingSet):
                 f"{dtype_name(self.dtype)}, {len(self.sizes)} shards)")
 
     def fingerprint(self) -> str:
-        """Names this store's content, wherever it lies (node-local copies of one
-        store agree): D, C, dtype and every shard's rows, bytes and CRC-32."""
-        m = self.manifest
-        return digest(json.dumps([m["D"], m["C"], m["dtype"],
-                                  [(s["rows"], s["bytes"], s["crc32"]) for s in m["shards"]]]))[:16]
+        """Names this store's rows (content.py): the same as memory's, or another
+        store's of any shard size, holding the same rows. Recorded by the
+        writer; a store written before it was recorded is read once for it."""
+        if "content" not in self.manifest:
+            content = ContentDigest()
+            for block in self.blocks().read(range(len(self.sizes))):
+                content.add(block.features, block.logits, block.labels)
+            self.manifest["content"] = content.fingerprint(self.num_features, self.num_classes, self.dtype)
+        return self.manifest["content"]
 
     def describe(self) -> str:
         """The store's path and content fingerprint, for messages."""
@@ -135,14 +142,19 @@ class Store(TrainingSet):
         return torch.cat([_parse(b)["index"] for b in self._reader(range(len(self.sizes)))])
 
     def _reader(self, indices):
-        shards = [self.manifest["shards"][i] for i in indices]
-        files = [(str(self.path / s["file"]), s["bytes"], int(s["crc32"], 16)) for s in shards]
-        reader = _C.ShardReader(files, pinned=self.device.type == "cuda", depth=1)
-        for _ in shards:
-            try:
-                yield reader.next()
-            except RuntimeError as err:
-                raise StoreError(f"store {self.path}: {err}") from None
+        return _read_shards(self.path, [self.manifest["shards"][i] for i in indices], self.device.type == "cuda")
+
+
+def _read_shards(path: Path, shards: list[dict], pinned: bool = False):
+    """Yields each shard's bytes (uint8), read ahead by the C++ ShardReader,
+    its size and CRC-32 checked against the manifest's entry."""
+    files = [(str(path / s["file"]), s["bytes"], int(s["crc32"], 16)) for s in shards]
+    reader = _C.ShardReader(files, pinned=pinned, depth=1)
+    for _ in shards:
+        try:
+            yield reader.next()
+        except RuntimeError as err:
+            raise StoreError(f"store {path}: {err}") from None
 
 
 class StoreBlocks(Blocks):
@@ -219,6 +231,7 @@ class StoreWriter:
         self.rows_done = sum(s["rows"] for s in self.manifest["shards"])
         self._pending: list[tuple[torch.Tensor, ...]] = []
         self._pending_rows = 0
+        self.content = self._content_so_far()
 
     @property
     def complete(self) -> bool:
@@ -243,6 +256,21 @@ class StoreWriter:
         while self._pending_rows >= m["shard_rows"]:
             self._flush(m["shard_rows"])
 
+    def _content_so_far(self) -> ContentDigest:
+        """The content digest of the rows in the store: the manifest's complete
+        chunks and the rows after them, read back from their shards (a resumed
+        writer; a store from before chunks were recorded is read whole)."""
+        content = ContentDigest(self.manifest.get("content_chunks", []))
+        covered, start, after = content.rows, 0, []
+        for shard in self.manifest["shards"]:
+            if start + shard["rows"] > covered:
+                after.append((max(covered - start, 0), shard))
+            start += shard["rows"]
+        for (skip, _), raw in zip(after, _read_shards(self.path, [shard for _, shard in after])):
+            t = _parse(raw)
+            content.add(t["features"][skip:], t["logits"][skip:], t["labels"][skip:])
+        return content
+
     def finish(self) -> "Store":
         """Writes the last partial shard, marks the store complete and opens it."""
         if not self.complete:
@@ -251,6 +279,8 @@ class StoreWriter:
             if not self.manifest["shards"]:
                 raise StoreError(f"store {self.path}: no rows were written")
             self.manifest["complete"] = True
+            self.manifest["content"] = self.content.fingerprint(self.manifest["D"], self.manifest["C"],
+                                                                DTYPES[self.manifest["dtype"]])
             write_atomic(self.path / MANIFEST, manifest_bytes(self.manifest))
         return Store(self.path)
 
@@ -265,6 +295,8 @@ class StoreWriter:
         name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
         write_atomic(self.path / name, data)
         sq = largest_sq_norm(features)
+        self.content.add(features, logits, labels)
+        self.manifest["content_chunks"] = list(self.content.chunks)
         self.manifest["shards"].append({"file": name, "rows": rows, "bytes": len(data),
                                         "crc32": f"{zlib.crc32(data):08x}", "max_sq_norm": sq})
         write_atomic(self.path / MANIFEST, manifest_bytes(self.manifest))

@@ -12,16 +12,53 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 
+def per_example_gradients(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, output=None,
+                           loss=None) -> dict[str, torch.Tensor]:
+    """name -> (N, *shape) float64: each example's gradient of its loss with
+    respect to every trainable parameter (requires_grad), a tied parameter
+    once under its first name. loss(logits (1, C), label (1,)) defaults to
+    cross-entropy; output(model's output) picks the logits (default: itself)."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    pick = output or (lambda z: z)
+    objective = loss or (lambda z, y: F.cross_entropy(z, y))
+
+    def one(p, xi, yi):
+        return objective(pick(functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))), yi.view(1))
+
+    return vmap(grad(one), (None, 0, 0))(params, x, labels)
+
+
+def trainable_gradients(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, output=None,
+                        loss=None) -> torch.Tensor:
+    """(N, P) every trainable parameter's per-example gradient, flattened and joined."""
+    g = per_example_gradients(model, x, labels, output, loss)
+    return torch.cat([v.flatten(1) for v in g.values()], 1)
+
+
+def parameter_blocks(model: nn.Module, blocks: list[list[str]], x: torch.Tensor,
+                     labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per block (N, W): the named parameters' per-example gradients, flattened and joined."""
+    g = per_example_gradients(model, x, labels)
+    return [torch.cat([g[name].flatten(1) for name in names], 1) for names in blocks]
+
+
+def block_fisher(model: nn.Module, blocks: list[list[str]], x: torch.Tensor) -> list[torch.Tensor]:
+    """Per block the (W, W) expected Fisher (1/N) sum_i sum_c p_ic vec(g_ic) vec(g_ic)^T."""
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), 1)
+    total = 0
+    for c in range(p.shape[1]):
+        gs = parameter_blocks(model, blocks, x, torch.full((len(x),), c))
+        total = [t + (g * p[:, c:c + 1]).T @ g / len(x) for t, g in zip(total or [0] * len(gs), gs)]
+    return total
+
+
 def layer_gradients(model: nn.Module, layers: list[str], x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
     """Per layer (N, out, in') float64: each example's gradient of
     -log softmax(model(x_i))_{y_i} with respect to the layer's [W | b]
     (a convolution's kernel flattened to out x (in_channels kh kw))."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.view(1))
-
-    g = vmap(grad(loss), (None, 0, 0))(params, x, labels)
+    g = per_example_gradients(model, x, labels)
     out = []
     for name in layers:
         w = g[f"{name}.weight"].flatten(2)
