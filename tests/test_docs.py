@@ -221,3 +221,26 @@ def _run_cli_block(code: str, names: dict, tmp_path) -> None:
                                   timeout=120)
             assert done.returncode == 0, (line, done.stderr)
     assert torch.is_tensor(safetensors.torch.load_file(tmp_path / "fit.safetensors")["train.features"])
+
+
+# Files exemplar writes at run time, and a user's script the README names.
+NAMED_NOT_SHIPPED = {"manifest.json", "job.json", "explain.py"}
+
+
+def test_every_file_the_docs_name_exists():
+    """A file the docs (and the C++ sources' comments) name is a file of the
+    repository: a path from the root, the package, csrc/, tests/, bench/ or
+    docs/, or a bare file name that some file has (placeholders in capitals,
+    such as results/NAME/, and files written at run time aside)."""
+    names = {p.name for p in REPO.rglob("*") if p.is_file() and not {".venv", ".git", "build"} & set(p.parts)}
+    roots = [REPO, REPO / "python" / "exemplar", REPO / "csrc", REPO / "tests", REPO / "bench", REPO / "docs"]
+    token = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.(?:py|cpp|cu|h|md|sh|json))\b")
+    missing = []
+    for text in [*REPO.glob("*.md"), *(REPO / "docs").glob("*.md"), *(REPO / "csrc").rglob("*.*")]:
+        body = text.read_text()
+        if text.suffix in (".cpp", ".h", ".cu"):  # comments only, not the #includes
+            body = "\n".join(line for line in body.splitlines() if line.strip().startswith("//"))
+        missing += [f"{text.relative_to(REPO)}: {name}" for name in set(token.findall(body))
+                    if name not in NAMED_NOT_SHIPPED and "NAME" not in name
+                    and not (any((root / name).exists() for root in roots) if "/" in name else name in names)]
+    assert not missing, sorted(missing)

@@ -187,7 +187,7 @@ def test_refusals():
     x, y = data(10)
     train = batches(x, y)
     make = lambda m=model, t=train, **kw: exemplar.NetworkExplainer(m, t, progress=False, **kw)  # noqa: E731
-    for kw, match in [({"curvature": "identity"}, "curvature"), ({"fisher": "true"}, "fisher"),
+    for kw, match in [({"curvature": "diagonal"}, "curvature"), ({"fisher": "true"}, "fisher"),
                       ({"damping": -1.0}, "damping"), ({"damping": float("nan")}, "damping"),
                       ({"projection": 0}, "projection"), ({"projection": True}, "projection"),
                       ({"layers": ["nope"]}, "not a submodule"), ({"layers": ["1"]}, "Tanh"),
@@ -351,3 +351,39 @@ def test_damaged_store_files_are_refused(tmp_path):
     manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": "yes"'))
     with pytest.raises(ValueError, match="complete"):
         exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
+
+
+class Head(nn.Module):
+    """A fixed feature map and a trained linear head: the last layer as a network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body, self.head = nn.Linear(7, 5), nn.Linear(5, 3)
+
+    def features(self, x):
+        return torch.tanh(self.body(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("curvature", ["exact", "kfac", "ekfac", "identity"])
+def test_a_network_through_its_head_equals_the_attributor(curvature):
+    """The one-engine isomorphism (docs/design.md §11): a layer seen once per
+    example keeps its factors (delta, a), the last layer's (r, phi); with the
+    expected Fisher, NetworkExplainer over the head alone is the Attributor."""
+    model = Head().double().eval()
+    x, y = data(23)
+    xt, yt = data(6, seed=1)
+    with torch.no_grad():
+        train = exemplar.LastLayerData(model.features(x), model(x), y)
+        test = exemplar.LastLayerData(model.features(xt), model(xt), yt)
+    attr = exemplar.Attributor(train, curvature=curvature, damping=0.01, weight=model.head.weight,
+                               bias=model.head.bias)
+    net = exemplar.NetworkExplainer(model, batches(x, y), layers=["head"], curvature=curvature, damping=0.01,
+                                    fisher="expected", progress=False)
+    for method in METHODS:
+        torch.testing.assert_close(net.scores(batches(xt, yt), method), attr.scores(test, method),
+                                   rtol=1e-6, atol=1e-9, msg=f"{curvature} {method}")
+    torch.testing.assert_close(net.self_influence("if"), attr.self_influence("if"), rtol=1e-6, atol=1e-9)

@@ -459,3 +459,28 @@ def test_channels_last_convolutions_are_exact():
                                                                              y))
     torch.testing.assert_close(e.scores(batches(x[:3], y[:3]), "grad_dot"),
                                grad_dot_truth(model, x, y, x[:3], y[:3]), rtol=1e-10, atol=1e-12)
+
+
+def test_a_hugging_face_transformer_in_training_mode_equals_per_example_autograd_in_eval_mode():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(25)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).double()  # from a config: training mode, dropout on
+    ids = torch.randint(1, 50, (10, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(10, 6, dtype=torch.long)
+    mask[::3, 4:] = 0  # padded examples
+    y = torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(2))
+    loader = [{"input_ids": ids[i:i + 4], "attention_mask": mask[i:i + 4], "labels": y[i:i + 4]} for i in (0, 4, 8)]
+    e = explainer(model, loader, output=lambda out: out.logits)
+    assert model.training and len(e.layers) == 14  # 6 Linear per block + pooler + classifier
+    params = dict(model.named_parameters())
+    model.eval()
+    rows = []
+    for i in range(10):
+        logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+        grads = torch.autograd.grad(F.cross_entropy(logits, y[i:i + 1]), [params[n] for layer in e.layers
+                                                                           for n in layer.parameters])
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    truth = torch.stack(rows)
+    torch.testing.assert_close(e.scores(loader, "grad_dot"), truth @ truth.T, rtol=1e-10, atol=1e-12)

@@ -67,6 +67,14 @@ class KroneckerLayer(Eigenbasis):
         rotated = (self.qg.T @ g.double() @ self.qa).square()
         return (rotated * self.w.square()).sum((1, 2)), (rotated * self.w).sum((1, 2))
 
+    @classmethod
+    def identity(cls, layers, damping: float) -> list["KroneckerLayer"]:
+        """H^-1 = I / damping per layer (I at damping 0), as curvature/identity.py: no fit."""
+        eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+        scale = 1 / damping if damping > 0 else 1.0
+        return [cls(eye(layer.k_out), eye(layer.k_in), torch.full((layer.k_out, layer.k_in), scale,
+                                                                  dtype=torch.float64)) for layer in layers]
+
     @staticmethod
     def _rotated_sq_sum(choices, qg, qa) -> torch.Tensor:
         """sum_i w_i (Q_G^T g_i Q_A)^2 over one batch's choices, (k_out, k_in). One

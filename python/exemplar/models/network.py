@@ -1,8 +1,7 @@
 """NetworkExplainer: attribution through every chosen layer of a model
-(docs/design.md §11), not only the last: per-example gradients of each
-nn.Linear / nn.Conv2d layer (layers.py), block-diagonal K-FAC / EK-FAC
-curvature per layer, and scores summed over the layers, streamed through the
-same top-k op as the last layer."""
+(docs/design.md §11): per-example gradients of each nn.Linear / nn.Conv2d
+(layers.py), block-diagonal curvature per layer, and scores summed over the
+layers, streamed through the same top-k op as the last layer."""
 from __future__ import annotations
 
 import json
@@ -30,7 +29,7 @@ from .probe import probe
 # method -> (preconditioned test side, training-row normaliser)
 METHODS = {"if": (True, None), "theta_relatif": (True, "theta"), "l_relatif": (True, "quad"),
            "grad_dot": (False, None), "grad_cos": (False, "grad")}
-CURVATURES = ("ekfac", "kfac", "exact")
+CURVATURES = ("ekfac", "kfac", "exact", "identity")
 FISHERS = ("expected", "sampled", "empirical")
 
 
@@ -93,8 +92,8 @@ class NetworkExplainer:
             one layer, its gradient summed over their uses.
         curvature: per layer, "exact" (the layer's whole Fisher, for layers of at
             most layer_curvature.EXACT_MAX_WIDTH gradient entries: the most
-            faithful), "ekfac" (K-FAC's eigenbasis, eigenvalues refitted in it)
-            or "kfac"; block-diagonal over the layers.
+            faithful), "ekfac" (K-FAC's eigenbasis, eigenvalues refitted in it),
+            "kfac", or "identity" (I / damping; no fit); block-diagonal.
         damping: lambda added to every layer's curvature eigenvalues (the
             weight decay the model was trained with is the natural choice).
         fisher: the output gradients the curvature is fitted from: "expected"
@@ -207,6 +206,8 @@ class NetworkExplainer:
         """Each layer's curvature from the Fisher's gradients (passes over the
         loader), or read from the store's fit cache when these settings were
         fitted on this store's content before."""
+        if self.settings.curvature == "identity":
+            return KroneckerLayer.identity(self.layers, self.settings.damping)
         cls = ExactLayer if self.settings.curvature == "exact" else KroneckerLayer
         store = self.train.store
         identity = json.loads(json.dumps({"store": self.train.fingerprint(), **self.settings.to_dict()}))
