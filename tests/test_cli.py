@@ -187,3 +187,12 @@ def test_evaluate_checks_the_job_folder_before_any_work(files, capsys, tmp_path)
         assert main(["evaluate", fit, tests, "-o", str(output), "--subsets", "6", "--job", str(job)]) == 2
         assert re.search(message, capsys.readouterr().err)
         assert not output.exists()
+
+
+def test_fit_options_and_defaults_come_from_settings():
+    args = exemplar.cli.parser().parse_args(["fit", "train.safetensors", "-o", "fit.safetensors"])
+    defaults = exemplar.Settings()
+    for name in ("curvature", "damping", "kfac_damping", "rps_lambda", "lje_step", "rank"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    args = exemplar.cli.parser().parse_args(["fit", "t", "-o", "f", "--rank", "auto", "--curvature", "ekfac"])
+    assert (args.rank, args.curvature) == ("auto", "ekfac")

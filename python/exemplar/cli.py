@@ -15,16 +15,17 @@ as "weight" (C, D) and "bias" (C,), which RPS-LJE needs and RPS-l2 starts from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-from . import curvature, methods
+from . import methods
 from .analysis.debugging import suspicion_order
 from .data import LastLayerData
-from .engine import KFAC_DAMPINGS, Attributor
+from .engine import Attributor, Settings
 from .progress import Progress
 from .report.display import method_name
 from .results import Explanation, TopK
@@ -327,13 +328,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("train",
                    help="safetensors: features (N, D), logits (N, C), labels (N,) [, weight (C, D), bias (C,)]")
     p.add_argument("-o", "--output", required=True, help="where to save the fit (.safetensors)")
-    p.add_argument("--curvature", choices=curvature.names(), default="kfac")
-    p.add_argument("--damping", type=float, default=1e-3, help="lambda >= 0 added to the curvature")
-    p.add_argument("--kfac-damping", choices=KFAC_DAMPINGS, default="eigenbasis")
-    p.add_argument("--rank", default=None, type=lambda s: s if s == "auto" else int(s),
-                   help="kfac/ekfac: truncate the inverse to rank m, or 'auto'")
-    p.add_argument("--rps-lambda", type=float, default=1e-3, help="RPS-l2's l2 strength")
-    p.add_argument("--lje-step", type=float, default=1e-3, help="RPS-LJE's ascent step")
+    for option in dataclasses.fields(Settings):  # each setting's option, default and help from Settings
+        if "option" in option.metadata:
+            p.add_argument("--" + option.name.replace("_", "-"), default=option.default,
+                           help=option.metadata["help"], **option.metadata["option"]())
     p.add_argument("--methods", default="theta_relatif",
                    help=f"methods to fit now, comma-separated, of {', '.join(methods.names())}")
 

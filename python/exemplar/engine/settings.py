@@ -24,22 +24,27 @@ def _check_number(name: str, value, low: float, strict: bool) -> None:
 @dataclass(frozen=True)
 class Settings:
     """An Attributor's settings. Every field is checked on construction; the
-    error names the field and what it accepts."""
+    error names the field and what it accepts. A field's metadata holds its
+    help and, where the command line takes it, its option's argparse
+    arguments ("option"): the CLI's options and defaults come from here."""
     curvature: str = field(default="kfac", metadata={
         "help": "the curvature's registered name: exemplar.CURVATURES (exact | kfac | ekfac | identity) "
-                "or one added with exemplar.curvature.register"})
+                "or one added with exemplar.curvature.register",
+        "option": lambda: {"choices": curv.names()}})
     damping: float = field(default=1e-3, metadata={
         "help": "lambda >= 0 added to the curvature; for 'exact' and weight decay lambda, the Hessian of "
-                "the regularised objective"})
+                "the regularised objective", "option": lambda: {"type": float}})
     kfac_damping: str = field(default="eigenbasis", metadata={
         "help": "K-FAC: 'eigenbasis' adds lambda to the eigenvalues, 'factored' splits it between the "
-                "factors (a rank-1 fast path)"})
-    rps_lambda: float = field(default=1e-3, metadata={"help": "RPS-l2's l2 strength, > 0"})
-    lje_step: float = field(default=1e-3, metadata={"help": "RPS-LJE's ascent step gamma, >= 0"})
+                "factors (a rank-1 fast path)", "option": lambda: {"choices": KFAC_DAMPINGS}})
+    rps_lambda: float = field(default=1e-3, metadata={"help": "RPS-l2's l2 strength, > 0",
+                                                      "option": lambda: {"type": float}})
+    lje_step: float = field(default=1e-3, metadata={"help": "RPS-LJE's ascent step gamma, >= 0",
+                                                    "option": lambda: {"type": float}})
     bias: bool = field(default=True, metadata={"help": "the layer has a bias (a constant-1 feature)"})
     rank: int | str | None = field(default=None, metadata={
         "help": "kfac/ekfac with eigenbasis damping: truncate the damped inverse eigenvalues to rank m, "
-                "or 'auto'"})
+                "or 'auto'", "option": lambda: {"type": lambda text: text if text == "auto" else int(text)}})
 
     def __post_init__(self):
         curvature = curv.get(self.curvature)  # "curvature must be one of ..."
