@@ -484,3 +484,23 @@ def test_a_hugging_face_transformer_in_training_mode_equals_per_example_autograd
         rows.append(torch.cat([g.flatten() for g in grads]))
     truth = torch.stack(rows)
     torch.testing.assert_close(e.scores(loader, "grad_dot"), truth @ truth.T, rtol=1e-10, atol=1e-12)
+
+
+def test_the_probe_splits_every_kind_of_batch():
+    model = mlp()
+    x, y = data(8)
+    plain = explainer(model, batches(x, y)).scores(batches(x, y), "if")
+    as_lists = [(x[i:i + 4], y[i:i + 4].tolist()) for i in (0, 4)]  # labels as a list of ints
+    torch.testing.assert_close(explainer(model, as_lists).scores(batches(x, y), "if"), plain)
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, features, scale):  # scale: one number for the whole batch
+            return self.net(features * scale)
+
+    as_dicts = [{"features": x[i:i + 4], "scale": torch.tensor(1.0, dtype=torch.float64), "labels": y[i:i + 4]}
+                for i in (0, 4)]
+    torch.testing.assert_close(explainer(Keyword().eval(), as_dicts).scores(as_dicts, "if"), plain)

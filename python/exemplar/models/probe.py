@@ -21,9 +21,12 @@ from .layers import Capture
 
 def rows_of(batch, start: int, stop: int, rows: int):
     """The batch's examples [start, stop): every tensor in it whose leading
-    dimension is the batch's `rows` sliced, everything else as it is."""
-    def cut(x):
-        return x[start:stop] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows else x
+    dimension is the batch's `rows`, and every list of `rows` values, sliced;
+    everything else as it is."""
+    def cut(x):  # a tensor, or a list of per-example values (labels, texts), of the batch's rows
+        per_example = x.dim() > 0 and x.shape[0] == rows if isinstance(x, torch.Tensor) else \
+            isinstance(x, list) and len(x) == rows
+        return x[start:stop] if per_example else x
     if isinstance(batch, Mapping):
         return {key: cut(value) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
