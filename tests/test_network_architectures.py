@@ -165,7 +165,7 @@ def test_tied_weights_exact_influence_equals_the_reference():
     blocks = [["a.weight", "a.bias", "b.bias"], ["head.weight", "head.bias"]]
     train = ref.parameter_blocks(model, blocks, x, y)
     test = ref.parameter_blocks(model, blocks, xt, yt)
-    fishers = ref.block_fisher(model, blocks, x)
+    fishers = ref.fisher(model, blocks, x, y, "expected", gradients=ref.parameter_blocks)
     for method in ("if", "theta_relatif"):
         torch.testing.assert_close(e.scores(batches(xt, yt), method), ref.scores(train, test, fishers, 0.01, method),
                                    rtol=1e-9, atol=1e-12)

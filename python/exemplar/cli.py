@@ -98,11 +98,13 @@ def _output(args, allowed=OUTPUTS, inputs=()) -> Path:
 
 def _job_folder(job, output: Path) -> None:
     """--job checked with the other paths before any work: a folder, neither a file nor the output."""
-    path = Path(job) if job is not None else None
-    if path is not None and path.exists() and not path.is_dir():
+    if job is None:
+        return
+    path = Path(job)
+    if path.exists() and not path.is_dir():
         raise CommandError(f"--job {path} is a file: --job names a folder that keeps the retrains (new, or one "
                            "an earlier run of this job wrote)")
-    if path is not None and path.resolve() == output.resolve():
+    if path.resolve() == output.resolve():
         raise CommandError(f"--job {path} is also the output -o {output}: the job folder and the output must differ")
 
 

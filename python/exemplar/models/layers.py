@@ -134,10 +134,10 @@ class Layer:
             else:
                 parts.append(x.reshape(x.shape[0], -1, x.shape[-1]))
         if self.in_dim > self.fan_in:
-            ones = x.new_zeros(x.shape[0], positions, self.in_dim - self.fan_in)
+            bias_columns = x.new_zeros(x.shape[0], positions, self.in_dim - self.fan_in)
             if self.bias_column[module] is not None:
-                ones[:, :, self.bias_column[module]] = 1
-            parts.append(ones)
+                bias_columns[:, :, self.bias_column[module]] = 1
+            parts.append(bias_columns)
         a = torch.cat(parts, 2).to(self.dtype)
         return a if self.p_in is None else a @ self.p_in.T
 
@@ -253,8 +253,7 @@ class Capture:
     def logits(self, batch, index: int):
         """(logits (B, C), labels (B,) or None) of one batch, run through the model, checked."""
         args, kwargs, y = _split_batch(batch)
-        rows = _batch_rows((*args, *kwargs.values()), y)
-        if rows == 0:
+        if _batch_rows((*args, *kwargs.values()), y) == 0:
             raise ValueError(f"batch {index} has no rows")
         args = tuple(_to(x, self.device) for x in args)
         kwargs = {key: _to(x, self.device) for key, x in kwargs.items()}

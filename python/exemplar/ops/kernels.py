@@ -3,8 +3,6 @@ torch.compile and opcheck trace them. Shapes: N train, T test, C classes,
 Dp feature columns (bias column included)."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from .. import _C  # noqa: F401  (loads the op registrations)
@@ -190,13 +188,14 @@ def screened_topk_rank1(alpha, beta, r, phi, inv_norm, k: int, largest: bool = T
 def _fake(*names: str):
     """Registers the decorated function as the fake (and meta) kernel of each
     exemplar::<name>, after the check every device's kernel runs first: all
-    tensor operands on one device (csrc/checks.h's message), so an operand on
-    the meta device among CPU ones is refused, not answered with memory the
-    fake kernel allocated."""
+    tensor operands on one device (csrc/checks.h's message, naming the
+    schema's arguments), so an operand on the meta device among CPU ones is
+    refused, not answered with memory the fake kernel allocated."""
     def register(fn):
-        params = list(inspect.signature(fn).parameters)
         for name in names:
-            def checked(*args, name=name):
+            params = [a.name for a in getattr(_ops, name).default._schema.arguments]  # the schema's names
+
+            def checked(*args, name=name, params=params):
                 tensors = [(p, a) for p, a in zip(params, args) if isinstance(a, torch.Tensor)]
                 first, ref = tensors[0]
                 for p, t in tensors[1:]:

@@ -43,17 +43,6 @@ def parameter_blocks(model: nn.Module, blocks: list[list[str]], x: torch.Tensor,
     return [torch.cat([g[name].flatten(1) for name in names], 1) for names in blocks]
 
 
-def block_fisher(model: nn.Module, blocks: list[list[str]], x: torch.Tensor) -> list[torch.Tensor]:
-    """Per block the (W, W) expected Fisher (1/N) sum_i sum_c p_ic vec(g_ic) vec(g_ic)^T."""
-    with torch.no_grad():
-        p = torch.softmax(model(x).double(), 1)
-    total = 0
-    for c in range(p.shape[1]):
-        gs = parameter_blocks(model, blocks, x, torch.full((len(x),), c))
-        total = [t + (g * p[:, c:c + 1]).T @ g / len(x) for t, g in zip(total or [0] * len(gs), gs)]
-    return total
-
-
 def layer_gradients(model: nn.Module, layers: list[str], x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
     """Per layer (N, out, in') float64: each example's gradient of
     -log softmax(model(x_i))_{y_i} with respect to the layer's [W | b]
@@ -67,18 +56,21 @@ def layer_gradients(model: nn.Module, layers: list[str], x: torch.Tensor, labels
     return out
 
 
-def fisher(model: nn.Module, layers: list[str], x: torch.Tensor, labels: torch.Tensor,
-           kind: str) -> list[torch.Tensor]:
+def fisher(model: nn.Module, layers: list, x: torch.Tensor, labels: torch.Tensor, kind: str,
+           gradients=None) -> list[torch.Tensor]:
     """Per layer the (W, W) Fisher (1/N) sum_i E_c[vec(g_ic) vec(g_ic)^T]: over c ~ softmax
-    ("expected", every class weighted by p_ic) or c = y_i ("empirical")."""
+    ("expected", every class weighted by p_ic) or c = y_i ("empirical"). gradients(model,
+    layers, x, labels) gives the per-layer gradients: layer_gradients (default), or
+    parameter_blocks for blocks of parameters named by their names."""
+    gradients = gradients or layer_gradients
     N = len(x)
     if kind == "empirical":
-        return [g.flatten(1).T @ g.flatten(1) / N for g in layer_gradients(model, layers, x, labels)]
+        return [g.flatten(1).T @ g.flatten(1) / N for g in gradients(model, layers, x, labels)]
     with torch.no_grad():
         p = torch.softmax(model(x).double(), 1)
     total = None
     for c in range(p.shape[1]):
-        gs = layer_gradients(model, layers, x, torch.full_like(labels, c))
+        gs = gradients(model, layers, x, torch.full_like(labels, c))
         parts = [(g.flatten(1) * p[:, c:c + 1]).T @ g.flatten(1) / N for g in gs]
         total = parts if total is None else [t + q for t, q in zip(total, parts)]
     return total
