@@ -89,7 +89,7 @@ def test_low_rank_scores_are_the_general_path_on_its_truncated_weights(rank):
     low = exemplar.Attributor(train, curvature="kfac", damping=0.05, rank=rank)
     c = low.curvature
     general = curv.Eigenbasis(c.qg, c.qa, c.u.T @ c.v)
-    r, phi = exemplar.methods.test_residuals(low, test)
+    r, phi = exemplar.methods.test_residuals(low.context, test)
     S = general.precondition(r, phi).S
     train_side = low.prepare("if")
     want = exemplar.ops.scores(S, train_side.r, train_side.phi, train_side.inv_norm)

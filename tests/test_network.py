@@ -2,6 +2,8 @@
 float64 truth from torch.func (exemplar.testing.network_reference): exact
 per-layer gradients for vector, sequence and image inputs, projections,
 every curvature and method, self-influence, LDS; and every refusal."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -54,7 +56,7 @@ class SequenceNet(nn.Module):
 
 def stored(explainer):
     """Per layer (N, k_out, k_in): the training gradients as the explainer holds them (memory or store)."""
-    blocks = [grads for _, grads in explainer.train.blocks(1)]
+    blocks = [grads for _, _, grads in explainer.train.blocks(1)]
     return [torch.cat([b[j].matrices() for b in blocks]) for j in range(len(explainer.layers))]
 
 
@@ -304,7 +306,7 @@ def test_interrupted_store_resumes_to_the_same_bytes(tmp_path):
     resumed = exemplar.NetworkExplainer(model, Killed(x, y), store=tmp_path / "cut", shard_rows=6, progress=False)
     gradient_pass_calls = len(calls) - 3 - 2 * 8  # the probe (batch 0 whole and halves); EK-FAC's two passes
     assert gradient_pass_calls == 8 - 4  # batches 0-3 (rows 0-15, within the 18 stored rows) were not run again
-    for name in ["manifest.json"] + [f"shard-0000{i}.safetensors" for i in range(5)]:
+    for name in ["manifest.json", "part-0.json"] + [f"shard-0-0000{i}.safetensors" for i in range(5)]:
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     torch.testing.assert_close(resumed.scores(batches(x, y), "if"), whole.scores(batches(x, y), "if"))
 
@@ -336,14 +338,14 @@ def test_damaged_store_files_are_refused(tmp_path):
         exemplar.NetworkExplainer(model, batches(x, y), store=tmp_path / "file", progress=False)
     path = tmp_path / "s"
     exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
-    shard = path / "shard-00001.safetensors"
+    shard = path / "shard-0-00001.safetensors"
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0xFF
     shard.write_bytes(bytes(raw))
     e = exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)  # fit cached
     with pytest.raises(ValueError, match="does not match the manifest"):
         e.scores(batches(x, y), "if")
-    fit = next((path / "fits").iterdir())
+    fit = next((path / "fits").iterdir()) / "fitted.safetensors"
     fit.write_bytes(fit.read_bytes()[:-8])
     with pytest.raises(ValueError, match="fits|unreadable|delete"):
         exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
@@ -387,3 +389,23 @@ def test_a_network_through_its_head_equals_the_attributor(curvature):
         torch.testing.assert_close(net.scores(batches(xt, yt), method), attr.scores(test, method),
                                    rtol=1e-6, atol=1e-9, msg=f"{curvature} {method}")
     torch.testing.assert_close(net.self_influence("if"), attr.self_influence("if"), rtol=1e-6, atol=1e-9)
+
+
+def test_a_store_begun_by_other_ranks_or_an_older_version_is_refused(tmp_path):
+    model = mlp()
+    x, y = data(12)
+    path = tmp_path / "s"
+    exemplar.NetworkExplainer(model, batches(x, y), store=path, progress=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(complete=False, shards=[], world=2)  # as two ranks leave it when interrupted
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"begun by another world \(2 ranks, now 1\); pass overwrite=True"):
+        exemplar.NetworkExplainer(model, batches(x, y), store=path, progress=False)
+    manifest["version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="version 1 .* collect it again: pass overwrite=True"):
+        exemplar.NetworkExplainer(model, batches(x, y), store=path, progress=False)
+    again = exemplar.NetworkExplainer(model, batches(x, y), store=path, overwrite=True, progress=False)
+    assert exemplar.storage.gradients.GradientStore(path).manifest["world"] == 1
+    memory = exemplar.NetworkExplainer(model, batches(x, y), progress=False)
+    torch.testing.assert_close(again.scores(batches(x, y), "if"), memory.scores(batches(x, y), "if"))

@@ -44,7 +44,7 @@ def answers(e, test):
     return out
 
 
-def worker(rank, world, init, curvature, variants, answer):
+def worker(rank, world, init, curvature, variants, answer, store=None):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
@@ -52,7 +52,7 @@ def worker(rank, world, init, curvature, variants, answer):
         try:
             e = exemplar.NetworkExplainer(model, train, curvature=curvature, distributed=True,
                                           damping=0.02 if variants[rank] == 5 else 0.01,
-                                          progress=False)
+                                          store=store, progress=False)
         except ValueError as err:
             torch.save(str(err), f"{answer}.{rank}")
             return
@@ -61,11 +61,20 @@ def worker(rank, world, init, curvature, variants, answer):
         dist.destroy_process_group()
 
 
-def spawn(world, curvature, variants, tmp_path):
-    init = f"file://{tmp_path}/rendezvous-{world}-{curvature}"
-    answer = str(tmp_path / f"answer-{world}-{curvature}")
-    mp.spawn(worker, args=(world, init, curvature, variants, answer), nprocs=world, join=True)
+def spawn(world, curvature, variants, tmp_path, store=None, run=""):
+    init = f"file://{tmp_path}/rendezvous-{world}-{curvature}{run}"
+    answer = str(tmp_path / f"answer-{world}-{curvature}{run}")
+    mp.spawn(worker, args=(world, init, curvature, variants, answer, store), nprocs=world, join=True)
     return [torch.load(f"{answer}.{rank}", weights_only=False) for rank in range(world)]
+
+
+def assert_as_one(got, one):
+    for key, want in one.items():
+        if key.endswith(("topk", "bottom")):
+            assert torch.equal(got[key][1], want[1]), key
+            torch.testing.assert_close(got[key][0], want[0], rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(got[key], want, rtol=1e-10, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize("world,curvature", [(2, "ekfac"), (3, "exact")])
@@ -73,12 +82,27 @@ def test_ranks_answer_as_one_process(world, curvature, tmp_path):
     model, train, test = inputs()
     one = answers(exemplar.NetworkExplainer(model, train, curvature=curvature, damping=0.01, progress=False), test)
     for got in spawn(world, curvature, [0] * world, tmp_path):
-        for key, want in one.items():
-            if key.endswith(("topk", "bottom")):
-                assert torch.equal(got[key][1], want[1]), key
-                torch.testing.assert_close(got[key][0], want[0], rtol=1e-10, atol=1e-12)
-            else:
-                torch.testing.assert_close(got[key], want, rtol=1e-10, atol=1e-12, msg=key)
+        assert_as_one(got, one)
+
+
+def test_a_store_written_by_ranks_answers_as_one_process_read_by_any_number_of_ranks(tmp_path):
+    """Two ranks write one gradient store (each its own batches' rows); it then
+    answers as one process whether one process, the same two ranks (from its
+    fit cache) or three ranks (one holding no shard) read it."""
+    model, train, test = inputs()
+    one = answers(exemplar.NetworkExplainer(model, train, curvature="ekfac", damping=0.01, progress=False), test)
+    store = str(tmp_path / "store")
+    for got in spawn(2, "ekfac", [0, 0], tmp_path, store=store):
+        assert_as_one(got, one)
+    written = exemplar.storage.gradients.GradientStore(store)
+    assert written.manifest["world"] == 2 and [s["rank"] for s in written.shards] == [0, 1]
+    fits = sorted(p.name for p in (tmp_path / "store" / "fits").iterdir())
+    assert_as_one(answers(exemplar.NetworkExplainer(model, train, curvature="ekfac", damping=0.01, store=store,
+                                                    progress=False), test), one)
+    for world in (2, 3):
+        for got in spawn(world, "ekfac", [0] * world, tmp_path, store=store, run="-again"):
+            assert_as_one(got, one)
+    assert sorted(p.name for p in (tmp_path / "store" / "fits").iterdir()) == fits  # every reader used its fits
 
 
 def test_ranks_with_other_data_models_or_settings_are_refused(tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import methods as registry
 from .. import storage
 from ..data import LastLayerData
 from ..storage.saved import digest
@@ -27,7 +28,6 @@ BOOTSTRAP = 1000  # resamples of the test set for the interval
 # Methods that score without the trained layer; the representer methods need it.
 WITHOUT_LAYER = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos", "knn")
 WITH_LAYER = ("rps_l2", "rps_lje")
-NETWORK = ("if", "theta_relatif", "l_relatif", "grad_dot", "grad_cos")  # what a NetworkExplainer scores
 
 
 @dataclass
@@ -160,7 +160,8 @@ def _check(attr, test, truth: Retraining, kind: str, methods, confidence: float,
         if train is not None or held is not None:
             raise ValueError("truth retrained a last layer on fixed features (retrain_head); a whole network is "
                              "judged against retraining the whole model (retrain_model)")
-        methods = NETWORK if methods is None else methods
+        if methods is None:  # the built-in ones a network runs: those not reading a trained head
+            methods = tuple(name for name in WITHOUT_LAYER if not registry.get(name).needs_head)
     if train is not None and train != storage.training_set(attr.train, attr.settings.bias).fingerprint():
         raise ValueError("truth was retrained on another training set than the Attributor's (content fingerprints "
                          "differ); retrain on this one")

@@ -40,6 +40,38 @@ class Statistics:
         raise NotImplementedError
 
 
+class LayerStatistics:
+    """Sums over the training set for fitting the curvature of a whole
+    network's layers, from the per-example output gradients of its Fisher
+    (models.NetworkExplainer's `fisher`): `sums(fn)` runs one pass over the
+    model and returns, per layer j, the sum over the training set (and the
+    ranks) of fn(j, choices), a tuple of float64 tensors, where one batch's
+    choices are [(weights (B,) float64 or None, delta (B, P, k_out),
+    a (B, P, k_in))], both float64: each label choice's output gradients and
+    the layer's inputs at its P positions, so that the choice's gradient is
+    sum_p delta_p a_p^T, weighted (the expected Fisher's p_c) or not."""
+    shapes: list[tuple[int, int]]  # (k_out, k_in) per layer
+    names: list[str]  # the layers' names, for messages
+    N: int
+
+    def sums(self, fn) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the sum of fn(j, choices) over every batch."""
+        raise NotImplementedError
+
+
+def shape_and_dtype(spec: tuple, default: torch.dtype) -> tuple[tuple, torch.dtype]:
+    """A saved tensor's spec (a form's shapes()): its dimensions, optionally
+    followed by its dtype (else `default`)."""
+    if spec and isinstance(spec[-1], torch.dtype):
+        return spec[:-1], spec[-1]
+    return spec, default
+
+
+def weighted(x: torch.Tensor, weights) -> torch.Tensor:
+    """x (B, ...) float64 scaled per example by weights (B,) (None: 1)."""
+    return x if weights is None else x * weights.view(-1, *([1] * (x.dim() - 1))).to(x.device)
+
+
 _NAMES: dict[str, type["Curvature"]] = {}  # curvature= values
 _FORMS: dict[str, type["Curvature"]] = {}  # what saved state may hold, by class name
 
@@ -53,6 +85,10 @@ class Curvature:
         fit(statistics, settings) -> Curvature: fitted on the training set's
             Statistics with the Settings' damping, kfac_damping and rank; it
             may return an instance of another subclass (K-FAC's factored form).
+        fit_layers(layer_statistics, settings) -> [Curvature per layer]: the
+            same curvature for each layer of a whole network, from its
+            LayerStatistics, block-diagonal over the layers (optional: without
+            it a NetworkExplainer refuses the name).
         forms(settings) -> names of the classes fit may return (the first is
             the one it returns); saved state is checked against them.
         check(settings): refuses settings this curvature cannot honour
@@ -60,8 +96,10 @@ class Curvature:
     Every form implements shapes(C, Dp) (its saved tensors' shapes, "m" for
     a free rank, optionally followed by a dtype), precondition(r (T, C),
     phi (T, Dp)), norms(R (b, C), Phi (b, Dp), N) -> (|H^-1 g_i|^2,
-    g_i^T H^-1 g_i) each (b,), and optionally quad_norms, the second alone.
-    Its state is its public attributes, the keyword arguments of __init__."""
+    g_i^T H^-1 g_i) each (b,), and optionally quad_norms, the second alone;
+    a form fit_layers returns implements solve(V) and, optionally,
+    matrix_norms(G) for general (n, k_out, k_in) gradients. Its state is its
+    public attributes, the keyword arguments of __init__."""
     name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -71,6 +109,12 @@ class Curvature:
     @classmethod
     def fit(cls, data: Statistics, settings) -> "Curvature":
         """The damped inverse curvature fitted on `data` with `settings`."""
+        raise NotImplementedError
+
+    @classmethod
+    def fit_layers(cls, data: LayerStatistics, settings) -> list["Curvature"]:
+        """Per layer of a whole network, this curvature fitted on `data` with
+        the settings' damping."""
         raise NotImplementedError
 
     @classmethod
@@ -105,11 +149,17 @@ class Curvature:
 
     def solve(self, V: torch.Tensor) -> torch.Tensor:
         """H^-1 V for general matrices V (M, C, Dp), not only rank-1 gradients,
-        in float64, with V's component along the softmax's null direction (the
-        same row added to every class) dropped: what a refit's Newton steps
-        are preconditioned with (analysis/retraining.py). Forms without it
+        in float64 (a last layer's: with V's component along the softmax's
+        null direction, the same row added to every class, dropped): how a
+        network layer's test gradients are preconditioned. Forms without it
         raise NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} cannot precondition general matrices")
+
+    def matrix_norms(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (n,) float64, for general
+        gradients G (n, C, Dp): through solve unless a form has a faster way."""
+        solved = self.solve(G)
+        return solved.square().sum((1, 2)), (solved * G.double()).sum((1, 2))
 
     def state(self) -> dict[str, torch.Tensor]:
         """Everything needed to rebuild this curvature without refitting."""
@@ -141,6 +191,16 @@ def get(name) -> type[Curvature]:
     if not isinstance(name, str) or name not in _NAMES:
         raise ValueError(f"curvature must be one of {names()}, got {name!r}")
     return _NAMES[name]
+
+
+def get_for_layers(name) -> type[Curvature]:
+    """The curvature class registered as `name`, refused unless it can fit a whole network's layers."""
+    cls = get(name)
+    if cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
+        able = tuple(n for n in names() if get(n).fit_layers.__func__ is not Curvature.fit_layers.__func__)
+        raise ValueError(f"curvature={name!r} has no fit for a whole network's layers (its class defines no "
+                         f"fit_layers); use one of {able}")
+    return cls
 
 
 def form(kind: str) -> type[Curvature]:

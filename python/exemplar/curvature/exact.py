@@ -9,7 +9,17 @@ import torch
 
 from .. import ops
 from ..ops import General
-from .base import Curvature, Statistics, cast_inverse, check_pseudo_inverse, inverse_damped, mean_sq_norm, register
+from .base import (
+    Curvature,
+    LayerStatistics,
+    Statistics,
+    cast_inverse,
+    check_pseudo_inverse,
+    inverse_damped,
+    mean_sq_norm,
+    register,
+    weighted,
+)
 
 # Float64 (C*Dp)^2 matrices exact curvature may hold at its peak: H, its
 # eigenvectors, their weighted copy and the inverse (damping = 0); the
@@ -18,6 +28,10 @@ EXACT_MATRICES = 4
 # Sustained GEMM/factorisation rate behind exact_cost's time estimates: about
 # what 2 cores of the development machine give (bench/RESULTS.md measures it).
 EXACT_GFLOPS = 100
+# Widest network layer gradient (k_out k_in) exact curvature takes: its float64 square is 2 GiB.
+EXACT_MAX_WIDTH = 16384
+# Elements of a batch's per-example second moments the factored fast path may hold.
+MOMENT_ELEMENTS = 1 << 25
 
 
 def project_out_null(hinv: torch.Tensor, C: int, Dp: int) -> torch.Tensor:
@@ -101,6 +115,26 @@ class Exact(Curvature):
         if settings.damping > 0:
             return ExactCholesky.from_hessian(data, settings.damping)
         return cls.from_hessian(data, settings.damping)
+
+    @classmethod
+    def fit_layers(cls, data: LayerStatistics, settings):
+        """Each layer's (1/N) sum_ic w_ic vec(g_ic) vec(g_ic)^T + damping I, as
+        its Cholesky factor (LayerCholesky); damping > 0 (a layer with more
+        gradient entries than training examples has a singular Fisher)."""
+        damping = settings.damping
+        if not damping > 0:
+            raise ValueError("curvature='exact' needs damping > 0 for a whole network (each layer's Fisher is "
+                             "singular when the layer has more gradient entries than training examples)")
+        for j, (k_out, k_in) in enumerate(data.shapes):
+            if k_out * k_in > EXACT_MAX_WIDTH:
+                raise ValueError(f"curvature='exact': layer {data.names[j]!r} has {k_out * k_in} gradient entries "
+                                 f"per example (k_out {k_out} x k_in {k_in}), more than {EXACT_MAX_WIDTH} (its "
+                                 "Fisher would not fit); use projection= (e.g. 64) or curvature='ekfac'")
+        out = []
+        for (moment,) in data.sums(lambda j, choices: (_moment(choices),)):
+            moment.div_(data.N).diagonal().add_(damping)
+            out.append(LayerCholesky(torch.linalg.cholesky(moment)))
+        return out
 
     @classmethod
     def from_hessian(cls, data: Statistics, damping: float) -> "Exact":
@@ -199,3 +233,41 @@ class ExactCholesky(Curvature):
 
     def quad_norms(self, R, Phi):
         return ops.cholesky_quad_norms(self._reduced(R), Phi, self.chol)
+
+
+def _moment(choices) -> torch.Tensor:
+    """sum_i sum_c w_ic vec(g_ic) vec(g_ic)^T over one batch's Fisher choices,
+    (W, W) with W = k_out k_in. With one position per example g_ic =
+    delta_ic a_i^T, so this is sum_i G_i x a_i a_i^T with G_i = sum_c w_ic
+    delta_ic delta_ic^T: one GEMM of (k_out^2, B) by (B, k_in^2), C times
+    fewer flops than per choice."""
+    B, P, k_out = choices[0][1].shape
+    k_in = choices[0][2].shape[2]
+    if P == 1 and B * (k_out ** 2 + k_in ** 2) <= MOMENT_ELEMENTS:
+        a = choices[0][2][:, 0]
+        G = sum(torch.einsum("bo,bp->bop", weighted(d[:, 0], w), d[:, 0]) for w, d, _ in choices)
+        moment = G.reshape(B, -1).T @ torch.einsum("bi,bj->bij", a, a).reshape(B, -1)
+        return moment.view(k_out, k_out, k_in, k_in).permute(0, 2, 1, 3).reshape(k_out * k_in, -1)
+    total = 0
+    for w, d, a in choices:
+        g = (d.transpose(1, 2) @ a).flatten(1)
+        total = total + weighted(g, w).T @ g
+    return total
+
+
+class LayerCholesky(Curvature):
+    """One network layer's whole damped Fisher F + damping I = L L^T in its
+    (k_out k_in) gradient space, kept as its Cholesky factor L (solves,
+    never an inverse): what curvature='exact' fits per layer."""
+
+    def __init__(self, chol):
+        if not (bool(torch.equal(chol, chol.tril())) and bool((chol.diagonal() > 0).all())):
+            raise ValueError("chol is not a Cholesky factor (lower triangular with a positive diagonal)")
+        self.chol = chol  # (W, W) lower-triangular float64
+
+    @staticmethod
+    def shapes(C, Dp):
+        return {"chol": (C * Dp, C * Dp, torch.float64)}
+
+    def solve(self, V):
+        return torch.cholesky_solve(V.double().flatten(1).T, self.chol.to(V.device)).T.reshape(V.shape)

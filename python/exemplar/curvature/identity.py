@@ -21,12 +21,20 @@ class Identity(Curvature):
         return cls(cast_inverse(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64),
                                 data.dtype, damping).to(data.device))
 
+    @classmethod
+    def fit_layers(cls, data, settings):
+        damping = settings.damping
+        return [cls(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64)) for _ in data.shapes]
+
     @staticmethod
     def shapes(C, Dp):
         return {"scale": ()}
 
     def precondition(self, r, phi):
         return Rank1(r * self.scale, phi)
+
+    def solve(self, V):
+        return V.double() * self.scale.double()
 
     def norms(self, R, Phi, N=None):
         sq = gradient_sq_norms(R, Phi)

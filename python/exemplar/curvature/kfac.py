@@ -10,7 +10,17 @@ import torch
 
 from .. import ops
 from ..ops import General, LowRank, Rank1
-from .base import Curvature, Statistics, cast_inverse, check_pseudo_inverse, inverse_damped, mean_sq_norm, register
+from .base import (
+    Curvature,
+    LayerStatistics,
+    Statistics,
+    cast_inverse,
+    check_pseudo_inverse,
+    inverse_damped,
+    mean_sq_norm,
+    register,
+    weighted,
+)
 
 # rank="auto": the smallest m with |W - W_m|_F <= LOW_RANK_TOL |W|_F, W the
 # damped inverse eigenvalues in the K-FAC / EK-FAC eigenbasis.
@@ -50,6 +60,11 @@ class Eigenbasis(Curvature):
     def solve(self, V):
         qg, qa = self.qg.double(), self.qa.double()
         return qg @ ((qg.T @ V.double() @ qa) * self.w.double()) @ qa.T
+
+    def matrix_norms(self, G):
+        rotated = (self.qg.double().T @ G.double() @ self.qa.double()).square()
+        w = self.w.double()
+        return (rotated * w.square()).sum((1, 2)), (rotated * w).sum((1, 2))
 
 
 class LowRankEigenbasis(Curvature):
@@ -118,11 +133,26 @@ class Factored(Curvature):
         return ops.eigenbasis_norms(R, Phi, self.qg, self.qa, torch.outer(self.u, self.v))
 
 
+def _rotated_sq_sum(choices, qg, qa) -> torch.Tensor:
+    """sum_i w_i (Q_G^T g_i Q_A)^2 over one batch's Fisher choices, (k_out, k_in).
+    One position per example: (Q_G^T delta)^2 (Q_A^T a)^2^T, one GEMM per choice."""
+    total = 0
+    for w, d, a in choices:
+        qg, qa = qg.to(d.device), qa.to(d.device)
+        if d.shape[1] == 1:
+            total = total + weighted((d[:, 0] @ qg).square(), w).T @ (a[:, 0] @ qa).square()
+        else:
+            total = total + weighted((qg.T @ (d.transpose(1, 2) @ a) @ qa).square(), w).sum(0)
+    return total
+
+
 class _KroneckerFit(Curvature):
     """What K-FAC and EK-FAC share: one pass for the factors A = E[phi phi^T]
     and G = E[Lambda] and their eigenbases, then damped inverse eigenvalues
     on the (C, Dp) grid (`eigenvalues` says which), truncated to rank m when
-    settings.rank is set."""
+    settings.rank is set. A network's layer: A = E[a a^T] over positions and
+    G = E[sum_p delta delta^T] from the Fisher's output gradients, damped in
+    their eigenbasis (`layer_eigenvalues`)."""
 
     @classmethod
     def check(cls, settings):
@@ -160,6 +190,27 @@ class _KroneckerFit(Curvature):
             return LowRankEigenbasis.truncated(qg, qa, w, settings.rank, dtype)
         return Eigenbasis(qg.to(dtype), qa.to(dtype), w_cast)
 
+    @classmethod
+    def layer_eigenvalues(cls, data: LayerStatistics, bases) -> list[torch.Tensor]:
+        """Per layer (k_out, k_in) float64: its Fisher's eigenvalues in its
+        eigenbasis, bases [(qg, sg, qa, sa)] per layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def fit_layers(cls, data: LayerStatistics, settings):
+        def factors(j, choices):
+            A = sum(torch.einsum("bpi,bpj->ij", weighted(a, w), a) for w, _, a in choices)
+            G = sum(torch.einsum("bpi,bpj->ij", weighted(d, w), d) for w, d, _ in choices)
+            positions = sum(float(a.shape[1] * (len(a) if w is None else w.sum())) for w, _, a in choices)
+            return A, G, torch.tensor(positions, dtype=torch.float64)
+        bases = []
+        for A, G, positions in data.sums(factors):
+            sa, qa = torch.linalg.eigh(A / max(float(positions), 1.0))
+            sg, qg = torch.linalg.eigh(G / data.N)
+            bases.append((qg, sg.clamp_min(0), qa, sa.clamp_min(0)))
+        return [Eigenbasis(qg, qa, inverse_damped(eig, settings.damping))
+                for (qg, _, qa, _), eig in zip(bases, cls.layer_eigenvalues(data, bases))]
+
 
 @register
 class KFAC(_KroneckerFit):
@@ -179,6 +230,10 @@ class KFAC(_KroneckerFit):
     def eigenvalues(cls, data, sa, qa, sg, qg):
         return torch.outer(sg, sa)
 
+    @classmethod
+    def layer_eigenvalues(cls, data, bases):
+        return [torch.outer(sg, sa) for _, sg, _, sa in bases]
+
 
 @register
 class EKFAC(_KroneckerFit):
@@ -190,3 +245,8 @@ class EKFAC(_KroneckerFit):
     @classmethod
     def eigenvalues(cls, data, sa, qa, sg, qg):
         return data.mean(lambda phi, logits: (ops.ekfac_eigenvalues(phi, logits, qa, qg),))[0]
+
+    @classmethod
+    def layer_eigenvalues(cls, data, bases):
+        sums = data.sums(lambda j, choices: (_rotated_sq_sum(choices, bases[j][0], bases[j][2]),))
+        return [total / data.N for (total,) in sums]

@@ -11,6 +11,7 @@ import json
 import torch
 
 from .. import curvature as curv
+from .. import ops
 from ..storage import Block, Columns, StoreError, TrainingSet
 from ..storage.saved import digest
 from . import state
@@ -41,7 +42,62 @@ class FitIdentity:
         return digest(json.dumps(self.meta, sort_keys=True))[:16]
 
 
-class Fitted:
+class ColumnContext:
+    """What every engine's Context (methods.Context) shares, kept in its
+    `columns` (storage.Columns): per-example values per block, whole-set fits
+    in `cache` (kept by `save`), and the norms methods normalise by, from
+    `curvature` and the rows' (r, phi)."""
+    columns: Columns
+    curvature: curv.Curvature
+    cache: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    num_train: int
+
+    def save(self) -> None:
+        """Keeps the whole-set fits (the curvature, `cache`) in the Columns."""
+        raise NotImplementedError
+
+    def cached(self, key: str | tuple[str, ...], compute):
+        """The tensor saved under `key`, computed by `compute()` on first use and
+        kept in the saved state; a tuple of keys caches a tuple of tensors
+        computed together. Methods keep what they fit on the whole training
+        set here (RPS refits); per-example values go in `per_example`."""
+        keys = (key,) if isinstance(key, str) else key
+        if any(k not in self.cache for k in keys):
+            values = compute()
+            self.cache.update(zip(keys, (values,) if isinstance(key, str) else values))
+            self.save()
+        return self.cache[key] if isinstance(key, str) else tuple(self.cache[k] for k in keys)
+
+    def per_example(self, key: str | tuple[str, ...], rows, compute):
+        """The (b,) values saved under `key` for `rows`, computed by compute(rows)
+        on the block's first visit and kept (in memory and the saved state, or
+        written into the store beside the shard); a tuple of keys gets a tuple."""
+        single = isinstance(key, str)
+        keys = (key,) if single else tuple(key)
+        out = self.columns.get(keys, rows.index)
+        if out is None:
+            out = (compute(rows),) if single else tuple(compute(rows))
+            self.columns.put(keys, rows.index, out)
+        return out[0] if single else out
+
+    def curvature_norms(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (b,), for the rows."""
+        return self.per_example(("norm_sq", "norm_quad"), rows,
+                                lambda r: self.curvature.norms(r.r, r.phi, self.num_train))
+
+    def curvature_quad_norms(self, rows: Rows) -> torch.Tensor:
+        """g_i^T H^-1 g_i, (b,): alone where the curvature computes it for less."""
+        if self.columns.get(("norm_sq", "norm_quad"), rows.index) is not None:
+            return self.curvature_norms(rows)[1]
+        return self.per_example("norm_quad", rows, lambda r: self.curvature.quad_norms(r.r, r.phi))
+
+    def gradient_sq_norms(self, rows: Rows) -> torch.Tensor:
+        """|g_i|^2, (b,)."""
+        return self.per_example("grad_sq", rows, lambda r: curv.gradient_sq_norms(r.r, r.phi).to(self.dtype))
+
+
+class Fitted(ColumnContext):
     """The fitted state of one Attributor, and the Context its methods see."""
 
     def __init__(self, settings: Settings, passes: Passes, columns: Columns, theta: torch.Tensor | None):
@@ -103,43 +159,24 @@ class Fitted:
         layer has a bias, written into `out` (rows >= n, Dp) when given."""
         return augment(features, self.settings.bias, out)
 
+    def test_factors(self, test) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r (T, C), phi (T, Dp)): softmax - onehot of each test's explained class, and its features."""
+        return ops.residuals(test.logits, test.explained_labels()), self.augment(test.features)
+
     def whole_rows(self, purpose: str) -> Rows:
         """The whole in-memory training set as one Rows (prepare's operands)."""
         t = self.passes.train.whole(purpose)
         return Rows(Block(None, 0, t.features, t.logits, t.labels), self.settings.bias, None)
 
-    def cached(self, key: str | tuple[str, ...], compute):
-        """The tensor saved under `key`, computed by `compute()` on first use and
-        kept in the saved state; a tuple of keys caches a tuple of tensors
-        computed together. Methods keep what they fit on the whole training
-        set here (RPS refits); per-example values go in `per_example`."""
-        keys = (key,) if isinstance(key, str) else key
-        if any(k not in self.cache for k in keys):
-            values = compute()
-            self.cache.update(zip(keys, (values,) if isinstance(key, str) else values))
-            self.save()
-        return self.cache[key] if isinstance(key, str) else tuple(self.cache[k] for k in keys)
-
     def per_example(self, key: str | tuple[str, ...], rows: Rows, compute):
-        """The (b,) values saved under `key` for `rows`, computed by compute(rows)
-        on the block's first visit and kept (in memory and the saved state, or
-        written into the store beside the shard); a tuple of keys gets a tuple."""
-        single = isinstance(key, str)
-        keys = (key,) if single else tuple(key)
-
-        def block(rows):
-            out = self.columns.get(keys, rows.index)
-            if out is None:
-                out = (compute(rows),) if single else tuple(compute(rows))
-                self.columns.put(keys, rows.index, out)
-            return out
-
-        if rows.index is None:  # the whole set: block by block, then joined
-            parts = [block(r) for r in self.passes.rows(range(self.passes.num_blocks), None, reuse=False)]
-            out = tuple(torch.cat(column) for column in zip(*parts))
-        else:
-            out = block(rows)
-        return out[0] if single else out
+        if rows.index is not None:
+            return super().per_example(key, rows, compute)
+        # the whole set: block by block, then joined
+        parts = [super(Fitted, self).per_example(key, r, compute)
+                 for r in self.passes.rows(range(self.passes.num_blocks), None, reuse=False)]
+        if isinstance(key, str):
+            return torch.cat(parts)
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     def means(self, label: str, logits_of=None) -> curv.Statistics:
         """Means over the training set for fitting (curvature.Statistics)."""
@@ -153,17 +190,3 @@ class Fitted:
             self.save()
         return self.extra_curvatures[key]
 
-    def curvature_norms(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (b,), for the rows."""
-        return self.per_example(("norm_sq", "norm_quad"), rows,
-                                lambda r: self.curvature.norms(r.r, r.phi, self.num_train))
-
-    def curvature_quad_norms(self, rows: Rows) -> torch.Tensor:
-        """g_i^T H^-1 g_i, (b,): alone where the curvature computes it for less."""
-        if self.columns.get(("norm_sq", "norm_quad"), rows.index) is not None:
-            return self.curvature_norms(rows)[1]
-        return self.per_example("norm_quad", rows, lambda r: self.curvature.quad_norms(r.r, r.phi))
-
-    def gradient_sq_norms(self, rows: Rows) -> torch.Tensor:
-        """|g_i|^2, (b,)."""
-        return self.per_example("grad_sq", rows, lambda r: curv.gradient_sq_norms(r.r, r.phi).to(self.dtype))

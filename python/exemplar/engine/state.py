@@ -33,13 +33,6 @@ def is_per_example(key: str) -> bool:
     return saved_specs()[0][key][:1] == ("N",)
 
 
-def _shape_and_dtype(spec: tuple, data_dtype: torch.dtype) -> tuple[tuple, torch.dtype]:
-    """A saved tensor's spec: its dimensions, optionally followed by its dtype (default: the data's)."""
-    if spec and isinstance(spec[-1], torch.dtype):
-        return spec[:-1], spec[-1]
-    return spec, data_dtype
-
-
 def config_of(settings: Settings, kinds: dict[str, str]) -> dict:
     """The saved config: the settings and the kind of every curvature."""
     return dict(settings.to_dict(), **{f"{name}_kind": kind for name, kind in kinds.items()})
@@ -60,10 +53,10 @@ def expected_tensors(settings: Settings, kinds: dict[str, str], tensors: dict[st
         held = tensors.get(free) if free else None
         m = held.shape[0] if isinstance(held, torch.Tensor) and held.dim() > 0 and held.shape[0] >= 1 else 1
         for name, spec in shapes.items():
-            dims, kind_dtype = _shape_and_dtype(spec, dtype)
+            dims, kind_dtype = curv.shape_and_dtype(spec, dtype)
             expected[f"{group}.{name}"] = (tuple(m if d == "m" else d for d in dims), kind_dtype)
     for name, spec in specs.items():
-        dims, spec_dtype = _shape_and_dtype(spec, dtype)
+        dims, spec_dtype = curv.shape_and_dtype(spec, dtype)
         expected["cache." + name] = (tuple(sizes[d] for d in dims), spec_dtype)
     return expected
 

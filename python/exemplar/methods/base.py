@@ -19,7 +19,6 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from .. import ops
 from ..curvature import Curvature, Statistics
 from ..data import LastLayerData
 from ..ops import Query, TrainOperands
@@ -52,6 +51,10 @@ class Context(Protocol):
 
     def augment(self, features: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, Dp): features with the bias column when the layer has a bias."""
+
+    def test_factors(self, test) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r (T, C'), phi (T, Dp')): each test's loss gradient for its explained
+        class, r phi^T (a whole network's: r = 1, phi its layers' gradients)."""
 
     def per_example(self, key, rows: Rows, compute):
         """(b,) values saved under `key`, computed by compute(rows) once per block."""
@@ -89,6 +92,9 @@ class Method:
     in N, C, D, Dp, "D+1", optionally followed by a dtype (default: the
     training features'); ("N",) ones are per-example values (ctx.per_example).
     `curvatures` names the extra curvatures it fits, so saved state is checked.
+    `needs_head`: it reads the last layer itself (its features, logits or
+    weights, ctx.means, ctx.curvature_at), so a whole network (where a
+    training row is only its gradient) refuses it.
 
     operands(ctx, rows) gives the training side for one block of rows,
     query(ctx, test) the test side, self_influence(ctx, rows) (b,) values."""
@@ -96,6 +102,7 @@ class Method:
     family: ClassVar[str] = "influence"
     saved: ClassVar[dict[str, tuple]] = {}
     curvatures: ClassVar[tuple[str, ...]] = ()
+    needs_head: ClassVar[bool] = False
 
     def inv_norm(self, ctx: Context, rows: Rows) -> torch.Tensor:
         """(b,) the factor each training row's score is multiplied by (1 for
@@ -143,6 +150,7 @@ def get(name) -> Method:
     return _REGISTRY[name]
 
 
-def test_residuals(ctx: Context, test: LastLayerData) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r (T, C), phi (T, Dp)): the factored loss gradients of the explained classes."""
-    return ops.residuals(test.logits, test.explained_labels()), ctx.augment(test.features)
+def test_residuals(ctx: Context, test) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r (T, C'), phi (T, Dp')): the factored loss gradients of the explained
+    classes, as the engine behind `ctx` holds them (Context.test_factors)."""
+    return ctx.test_factors(test)

@@ -13,6 +13,7 @@ class Knn(Method):
     a rank-1 dot product plus a per-test offset."""
     name = "knn"
     family = "distance"
+    needs_head = True
 
     def operands(self, ctx, rows):
         f = rows.features

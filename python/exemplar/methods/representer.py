@@ -23,6 +23,7 @@ class RpsL2(Method):
     sum_i alpha_iy <phi_i, phi_t>."""
     name = "rps_l2"
     family = "representer"
+    needs_head = True
     saved = {"rps_l2_theta": ("C", "Dp", torch.float64)}
 
     def refit(self, ctx) -> torch.Tensor:
@@ -51,6 +52,7 @@ class RpsLJE(Method):
     expanded around Theta by the curvature at Theta*."""
     name = "rps_lje"
     family = "representer"
+    needs_head = True
     saved = {"lje_theta": ("C", "Dp", torch.float64)}
     curvatures = ("lje_curvature",)
 

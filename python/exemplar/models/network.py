@@ -11,25 +11,20 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import curvature as curv
 from .. import ops
 from ..engine.distributed import ProcessGroup
-from ..methods.base import safe_reciprocal
-from ..ops import Rank1, TrainOperands
 from ..ops.order import check_k
 from ..progress import Progress
 from ..results import Explanation, TopK
 from ..storage.gradients import DEFAULT_SHARD_ROWS
 from ..storage.saved import digest
 from .hooks import model_digest
-from .layer_curvature import ExactLayer, KroneckerLayer
 from .layers import Capture, capture_dtype, choose_layers, unwrapped
 from .network_data import collect, data_digest
+from .network_fitted import FisherSums, NetworkFitted, network_method
 from .probe import probe
 
-# method -> (preconditioned test side, training-row normaliser)
-METHODS = {"if": (True, None), "theta_relatif": (True, "theta"), "l_relatif": (True, "quad"),
-           "grad_dot": (False, None), "grad_cos": (False, "grad")}
-CURVATURES = ("ekfac", "kfac", "exact", "identity")
 FISHERS = ("expected", "sampled", "empirical")
 
 
@@ -63,12 +58,6 @@ class TestGradients:
         return len(self.explained)
 
 
-def _method(method) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)} for a whole network, got {method!r}")
-    return method
-
-
 class NetworkExplainer:
     """Explains a model's predictions through the chosen layers of the whole
     network: per-example gradients of every nn.Linear / nn.Conv2d layer
@@ -91,9 +80,11 @@ class NetworkExplainer:
             trainable parameters are attributed; modules sharing a weight are
             one layer, its gradient summed over their uses.
         curvature: per layer, "exact" (the layer's whole Fisher, for layers of at
-            most layer_curvature.EXACT_MAX_WIDTH gradient entries: the most
+            most curvature.EXACT_MAX_WIDTH gradient entries: the most
             faithful), "ekfac" (K-FAC's eigenbasis, eigenvalues refitted in it),
-            "kfac", or "identity" (I / damping; no fit); block-diagonal.
+            "kfac", "identity" (I / damping; no fit), or a name added with
+            exemplar.curvature.register whose class defines fit_layers;
+            block-diagonal over the layers.
         damping: lambda added to every layer's curvature eigenvalues (the
             weight decay the model was trained with is the natural choice).
         fisher: the output gradients the curvature is fitted from: "expected"
@@ -104,7 +95,8 @@ class NetworkExplainer:
             or "empirical" (the training labels).
         projection: None keeps exact per-layer gradients; an integer k
             projects each side of a layer wider than k to k (seeded Gaussian).
-        method: explain()'s default method.
+        method: explain()'s default method: any registered method (exemplar.METHODS)
+            but those that read a trained last layer (representer points, kNN).
         output: a callable picking the logits from the model's output.
         seed: seeds the projections and the sampled labels.
         store: a folder: the training gradients go to a sharded gradient store
@@ -133,8 +125,7 @@ class NetworkExplainer:
                  progress: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES} for a whole network, got {curvature!r}")
+        curv.get_for_layers(curvature)
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0 \
@@ -144,7 +135,7 @@ class NetworkExplainer:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if output is not None and not callable(output):
             raise TypeError(f"output must be None or a callable taking the model's output, got {output!r}")
-        self.method = _method(method)
+        self.method = network_method(method).name
         model = unwrapped(model)
         self.model, self.progress = model, progress
         self.group = ProcessGroup.default() if distributed else ProcessGroup.single()
@@ -165,10 +156,16 @@ class NetworkExplainer:
                 raise ValueError(f"train_loader has {batches} batch{'es' * (batches != 1)} for "
                                  f"{self.group.world} ranks (distributed=True gives each rank whole batches): "
                                  "use smaller batches or fewer ranks")
-        self.train = self.group.call_together(lambda: collect(self, train_loader, store, shard_rows, overwrite))
+        self.train = collect(self, train_loader, store, shard_rows, overwrite)
         self.num_train = len(self.train)
-        self.curvatures = self._fit_curvature(train_loader)
-        self._norms: dict[str, torch.Tensor] = {}
+        self.fitted = NetworkFitted(self.settings, self.train, self.layers, self.dtype)
+        self.fitted.fit(FisherSums(self.layers, self.num_train, lambda: self._curvature_passes(train_loader),
+                                   self.group.all_sum), self.group.all_true)
+
+    @property
+    def curvature(self) -> curv.LayerBlocks:
+        """The fitted block-diagonal curvature (one curvature form per layer)."""
+        return self.fitted.curvature
 
     # ---- fitting -------------------------------------------------------------------------------------------------
 
@@ -201,27 +198,6 @@ class NetworkExplainer:
                 bar.update()
             bar.close()
         return self.group.together(local())
-
-    def _fit_curvature(self, loader) -> list:
-        """Each layer's curvature from the Fisher's gradients (passes over the
-        loader), or read from the store's fit cache when these settings were
-        fitted on this store's content before."""
-        if self.settings.curvature == "identity":
-            return KroneckerLayer.identity(self.layers, self.settings.damping)
-        cls = ExactLayer if self.settings.curvature == "exact" else KroneckerLayer
-        store = self.train.store
-        identity = json.loads(json.dumps({"store": self.train.fingerprint(), **self.settings.to_dict()}))
-        tag = digest(json.dumps(identity, sort_keys=True))[:16]
-        if store is not None:
-            saved = store.load_fit(tag, identity)
-            if saved is not None:
-                return [cls.from_tensors(saved, j, layer) for j, layer in enumerate(self.layers)]
-        curvatures = cls.fit(self.layers, lambda: self._curvature_passes(loader), self.num_train,
-                             self.settings.damping, self.settings.curvature == "ekfac", self.group.all_sum)
-        if store is not None:
-            store.save_fit(tag, identity, {k: v.contiguous() for j, c in enumerate(curvatures)
-                                           for k, v in c.tensors(j).items()})
-        return curvatures
 
     # ---- the two sides of a score ---------------------------------------------------------------------------------
 
@@ -264,57 +240,16 @@ class NetworkExplainer:
         return TestGradients([torch.cat(g) for g in grads], torch.cat(logits), torch.cat(explained),
                              self._source())
 
-    def _test_side(self, grads: list[torch.Tensor], method: str) -> torch.Tensor:
-        """(T, P') the test operator: H^-1 g_t per layer (or g_t), flattened and joined."""
-        curved, norm = METHODS[method]
-        dtype = grads[0].dtype
-        parts = [(c.solve(g).to(dtype) if curved else g).flatten(1) for c, g in zip(self.curvatures, grads)]
-        beta = torch.cat(parts, 1)
-        if norm == "grad":
-            beta = beta * safe_reciprocal(beta.double().norm(dim=1)).to(dtype).unsqueeze(1)
-        return beta
-
-    def _row_norms(self, grads) -> dict[str, torch.Tensor]:
-        """(n,) float64 per kind for one block's [LayerGradients]: |H^-1 g_i|^2
-        ("theta"), g_i^T H^-1 g_i ("quad"), |g_i|^2 ("grad")."""
-        out = {key: 0 for key in ("theta", "quad", "grad")}
-        for c, layer in zip(self.curvatures, grads):
-            g = layer.matrices().double()
-            theta, quad = c.norms(g)
-            out["theta"], out["quad"] = out["theta"] + theta, out["quad"] + quad
-            out["grad"] = out["grad"] + g.square().sum((1, 2))
-        return out
-
-    def _blocks(self):
-        """Yields (rows, [LayerGradients]) of the training blocks this process holds."""
-        return self.train.blocks(sum(layer.width for layer in self.layers))
-
-    def _inv_norm(self, method: str, held: int, grads, dtype) -> torch.Tensor:
-        """(n,) the normaliser for `method` (1 when it has none) of the block
-        starting at position `held` among this process's rows; computed for
-        all of them on first use and kept."""
-        norm, n = METHODS[method][1], len(grads[0])
-        if norm is None:
-            return torch.ones(n, dtype=dtype)
-        if norm not in self._norms:
-            self._norms[norm] = torch.cat([self._row_norms(g)[norm] for _, g in self._blocks()])
-        return safe_reciprocal(self._norms[norm][held:held + n].clamp_min(0).sqrt()).to(dtype)
-
-    def _streamed(self, call: str, tested, method: str, each, **arguments) -> None:
-        """Calls each(query, train operands, rows) for every training block this
-        process holds (rows: the block's positions in the training set);
+    def _streamed(self, call: str, tested, name: str, each, **arguments) -> None:
+        """Calls each(query, train operands, positions) for every training block
+        this process holds (positions: the block's rows in the training set);
         tested: check_test's result. Ranks first agree on the question."""
-        method = _method(method)
-        self.group.agree("queries", {"call": call, "method": method, **arguments,
+        m = network_method(name)
+        self.group.agree("queries", {"call": call, "method": name, **arguments,
                                      "test": digest(tested.logits, tested.explained)[:16]})
-        beta = self._test_side(tested.gradients, method)
-        query = ops.Query(Rank1(torch.ones(len(beta), 1, dtype=beta.dtype), beta))
-        held = 0
-        for rows, grads in self._blocks():
-            phi = torch.cat([g.rows() for g in grads], 1).to(beta.dtype)
-            inv_norm = self._inv_norm(method, held, grads, beta.dtype)
-            each(query, TrainOperands(torch.ones(len(phi), 1, dtype=beta.dtype), phi, inv_norm), rows)
-            held += len(rows)
+        query = m.query(self.fitted, tested)
+        for rows in self.fitted.rows():
+            each(query, m.operands(self.fitted, rows), rows.positions)
 
     def _best(self, tested, k: int, method: str, largest: bool, precision: str) -> TopK:
         check_k(k, self.num_train)
@@ -326,6 +261,8 @@ class NetworkExplainer:
             part = (values, rows[indices])
             best = part if best is None else ops.merge_topk([best, part], k, largest)
         self._streamed("topk", tested, method, add, k=k, largest=largest, precision=precision)
+        if best is None:  # a rank reading a store with fewer shards than ranks holds none
+            best = (torch.empty(len(tested), 0, dtype=self.dtype), torch.empty(len(tested), 0, dtype=torch.int64))
         if self.group.world > 1:
             # Equal shapes for the gather: a rank holding fewer than k rows pads with NaN (ranked last) at
             # index N (after every real row), so the merged top k, k <= N, holds real rows only.
@@ -385,13 +322,10 @@ class NetworkExplainer:
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,) score(i, i) of each training example for its own label."""
-        method = _method(method)
-        out = torch.zeros(self.num_train, dtype=torch.float64)
-        for rows, grads in self._blocks():
-            n = self._row_norms(grads)
-            out[rows] = {"if": n["quad"], "theta_relatif": n["quad"] * safe_reciprocal(n["theta"].sqrt()),
-                         "l_relatif": n["quad"].clamp_min(0).sqrt(), "grad_dot": n["grad"],
-                         "grad_cos": (n["grad"] > 0).double()}[method]
+        m = network_method(method)
+        out = torch.zeros(self.num_train, dtype=self.dtype)
+        for rows in self.fitted.rows():
+            out[rows.positions] = m.self_influence(self.fitted, rows).to(self.dtype)
         return self.group.all_sum((out,))[0]
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from ..progress import Progress
 from ..storage.blocks import block_rows
-from ..storage.gradients import DEFAULT_SHARD_ROWS, GradientStore, GradientStoreWriter
+from ..storage.gradients import DEFAULT_SHARD_ROWS, GradientStore, GradientStoreWriter, finish, prepare
 from ..storage.saved import digest
 from .hooks import _batch_rows, _fixed_order, _split_batch
 
@@ -56,14 +56,15 @@ class TrainingGradients:
     """The training set's per-layer gradients this process holds: in memory
     (`rows`, the training rows' positions, and one LayerGradients per layer
     for them; with distributed=True a rank holds its own batches' rows) or
-    in a GradientStore.
+    in a GradientStore (a rank reads its own shards: i % world == rank).
 
     Attributes:
         num_train: N, the rows of the whole training set."""
 
     def __init__(self, num_train: int, rows: torch.Tensor | None = None, layers: list[LayerGradients] | None = None,
-                 store: GradientStore | None = None):
+                 store: GradientStore | None = None, rank: int = 0, world: int = 1):
         self.num_train, self.rows, self.layers, self.store = num_train, rows, layers, store
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.num_train
@@ -73,21 +74,20 @@ class TrainingGradients:
         return None if self.store is None else self.store.fingerprint()
 
     def blocks(self, width: int):
-        """Yields (rows (n,) int64: the block's positions in the training set,
-        [LayerGradients per layer]) block by block: a store's shards; in
-        memory, blocks of block_rows(width) rows."""
+        """Yields (index, positions (n,) int64: the block's rows in the training
+        set, [LayerGradients per layer]) for every block this process holds: a
+        store's shards (index: the shard's), or blocks of block_rows(width)
+        rows in memory (index: the block's among this process's)."""
         if self.store is None:
             step = block_rows(width)
-            for start in range(0, len(self.rows), step):
-                yield self.rows[start:start + step], [g.slice(start, start + step) for g in self.layers]
+            for index, start in enumerate(range(0, len(self.rows), step)):
+                yield index, self.rows[start:start + step], [g.slice(start, start + step) for g in self.layers]
             return
-        start = 0
-        for i, rows in enumerate(self.store.sizes):
+        for i in range(self.rank, len(self.store.sizes), self.world):
             tensors = self.store.shard(i)
-            yield torch.arange(start, start + rows), [
+            yield i, tensors["positions"], [
                 LayerGradients(tuple(tensors[f"{j}.{k}"] for k in (("delta", "a") if layer["factored"] else ("g",))))
                 for j, layer in enumerate(self.store.layers)]
-            start += rows
 
 
 def data_digest(loader) -> tuple[str, int]:
@@ -102,70 +102,81 @@ def data_digest(loader) -> tuple[str, int]:
     return digest(*parts)[:16], batches
 
 
-def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
-            overwrite: bool = False) -> TrainingGradients:
-    """Runs the model over the training loader for each example's per-layer
-    gradients under its label, into memory or into the store at `store`
-    (continuing a partial one the same model, layers and data began; a
-    complete one is read, not recomputed). With explainer.group over several
-    ranks each rank runs the model on its own batches (index % world == rank)."""
-    layers, group = explainer.layers, explainer.group
-    order = _fixed_order(loader)
-    writer = None
-    if store is not None and group.world > 1:
-        raise ValueError("store= with distributed=True is not supported yet: collect the store in one process, "
-                         "or drop store= (each rank then holds its own batches' gradients in memory)")
-    if store is not None:
-        source = {"model": explainer.model_digest, "layers": [layer.describe() for layer in layers],
-                  "seed": explainer.settings.seed, "data": data_digest(loader)[0],
-                  "order": None if order is None else digest(json.dumps(list(map(int, order))))[:16]}
-        writer = GradientStoreWriter(store, source, explainer.dtype, shard_rows, overwrite)
-        for layer, recorded in zip(layers, writer.layers):
-            layer.factored = recorded["factored"]
-        if writer.complete:
-            complete = GradientStore(store)
-            return TrainingGradients(len(complete), store=complete)
-    parts, owned = [[] for _ in layers], []
-    start = 0
+def _own_gradients(explainer, loader, skip: int, seen: dict):
+    """Yields (positions (n,), labels (n,), [LayerGradients]) of this rank's
+    batches (index % world == rank) in order, past the first `skip` of its
+    rows (a batch holding some of them yields its rest; one wholly within
+    them is not run); seen["rows"]: every rank's rows, when it ends."""
+    group, start, own = explainer.group, 0, 0
     bar = Progress("network: training gradients", len(loader) if hasattr(loader, "__len__") else None,
                    explainer.progress)
     for index, batch in enumerate(loader):
         args, kwargs, y = _split_batch(batch)
         n = _batch_rows((*args, *kwargs.values()), y)
-        if writer is not None and n is not None and start + n <= writer.rows_done:
-            start += n  # already in the store: the model is not run again
-            continue
-        if index % group.world != group.rank:  # another rank's batch
+        if index % group.world != group.rank or (n is not None and own + n <= skip):
             if n is None:
                 raise ValueError(f"batch {index} has no labels or input tensor to count its rows by; "
                                  "distributed=True needs them")
-            start += n
+            start, own = start + n, own + n * (index % group.world == group.rank)
             continue
         _, labels, [(_, _, captured)] = explainer.capture.run(batch, index,
                                                               lambda logits, y, i=index: [(_labels(y, i), None)])
-        grads = [LayerGradients(tuple(x.cpu() for x in layer.gradient(d, a)))
-                 for layer, (d, a) in zip(layers, captured)]
-        if writer is None:
-            for j, g in enumerate(grads):
-                parts[j].append(g)
-            owned.append(torch.arange(start, start + len(labels)))
-        else:
-            keep = max(writer.rows_done - start, 0)
-            tensors = {"labels": labels[keep:].cpu()}
-            for j, g in enumerate(grads):
-                tensors.update({k: v[keep:] for k, v in g.named(j).items()})
-            writer.add(tensors, [{"k_out": layer.k_out, "k_in": layer.k_in, "factored": layer.factored}
-                                 for layer in layers])
-        start += len(labels)
+        keep = max(skip - own, 0)
+        yield torch.arange(start + keep, start + len(labels)), labels[keep:].cpu(), [
+            LayerGradients(tuple(x[keep:].cpu() for x in layer.gradient(d, a)))
+            for layer, (d, a) in zip(explainer.layers, captured)]
+        start, own = start + len(labels), own + len(labels)
         bar.update()
     bar.close()
     if start == 0:
         raise ValueError("train_loader yielded no batches")
-    if writer is not None:
-        finished = writer.finish()
-        return TrainingGradients(len(finished), store=finished)
-    return TrainingGradients(start, torch.cat(owned), [LayerGradients(tuple(torch.cat(x) for x in zip(
-        *(g.tensors for g in p)))) for p in parts])
+    seen["rows"] = start
+
+
+def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
+            overwrite: bool = False) -> TrainingGradients:
+    """Runs the model over the training loader for each example's per-layer
+    gradients under its label, into memory or into the store at `store`
+    (continuing a partial one the same model, layers, data and ranks began; a
+    complete one is read, not recomputed). With explainer.group over several
+    ranks each rank runs the model on its own batches (index % world == rank)
+    and holds (or writes) their rows; each step's errors are raised on every rank."""
+    layers, group = explainer.layers, explainer.group
+    order = _fixed_order(loader)
+    if store is None:
+        def gather():
+            seen = {}
+            parts = list(_own_gradients(explainer, loader, 0, seen))
+            joined = [LayerGradients(tuple(torch.cat(x) for x in zip(*(grads[j].tensors for _, _, grads in parts))))
+                      for j in range(len(layers))]
+            return TrainingGradients(seen["rows"], torch.cat([p for p, _, _ in parts]), joined)
+        return group.call_together(gather)
+
+    def begin():
+        if group.rank == 0:
+            source = {"model": explainer.model_digest, "layers": [layer.describe() for layer in layers],
+                      "seed": explainer.settings.seed, "data": data_digest(loader)[0],
+                      "order": None if order is None else digest(json.dumps(list(map(int, order))))[:16]}
+            prepare(store, source, explainer.dtype, shard_rows, overwrite, group.world)
+    group.call_together(begin)
+
+    def write():
+        writer = GradientStoreWriter(store, group.rank)
+        for layer, recorded in zip(layers, writer.layers):
+            layer.factored = recorded["factored"]
+        if writer.complete:
+            return
+        for positions, labels, grads in _own_gradients(explainer, loader, writer.rows_done, {}):
+            tensors = {"labels": labels, "positions": positions}
+            for j, g in enumerate(grads):
+                tensors.update(g.named(j))
+            # what each layer keeps (factors or the dense gradient) is decided by its first gradient
+            writer.add(tensors, [{"k_out": layer.k_out, "k_in": layer.k_in, "factored": layer.factored}
+                                 for layer in layers])
+        writer.close()
+    group.call_together(write)
+    finished = group.call_together(lambda: finish(store))
+    return TrainingGradients(len(finished), store=finished, rank=group.rank, world=group.world)
 
 
 def _labels(y, index: int):
