@@ -46,7 +46,8 @@ def worker(rank, world, init, stores, answer):
             torch.save(str(err), f"{answer}.{rank}")
             return
         got = {"train": results(attr, test), "test": {k: tuple(attr.topk(test, 6, k.split(".")[0], split="test"))
-                                                    for k in ("if.topk", "theta_relatif.topk")}}
+                                                    for k in ("if.topk", "theta_relatif.topk")},
+               "every": tuple(attr.topk(test, 250, "if"))}  # k = N: more than any rank holds
         torch.save(got, f"{answer}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -82,6 +83,7 @@ def test_ranks_together_equal_one_process(world, tmp_path):
             assert_same(got["train"][key], want[key], key)
         for key, value in got["test"].items():
             assert_same(value, want[key], key)
+        assert_same(got["every"], tuple(one.topk(test, 250, "if")), "k = N")
 
 
 def test_ranks_given_different_stores_are_refused(tmp_path):

@@ -56,7 +56,8 @@ class SequenceNet(nn.Module):
 
 def stored(explainer):
     """Per layer (N, k_out, k_in): the training gradients as the explainer holds them (memory or store)."""
-    blocks = [grads for _, _, grads in explainer.train.blocks(1)]
+    train = explainer.train
+    blocks = [rows.grads for rows in train.read(range(len(train.sizes)))]
     return [torch.cat([b[j].matrices() for b in blocks]) for j in range(len(explainer.layers))]
 
 

@@ -52,7 +52,7 @@ def worker(rank, world, init, curvature, variants, answer, store=None):
         try:
             e = exemplar.NetworkExplainer(model, train, curvature=curvature, distributed=True,
                                           damping=0.02 if variants[rank] == 5 else 0.01,
-                                          store=store, progress=False)
+                                          store=store, shard_rows=5, progress=False)
         except ValueError as err:
             torch.save(str(err), f"{answer}.{rank}")
             return
@@ -86,19 +86,20 @@ def test_ranks_answer_as_one_process(world, curvature, tmp_path):
 
 
 def test_a_store_written_by_ranks_answers_as_one_process_read_by_any_number_of_ranks(tmp_path):
-    """Two ranks write one gradient store (each its own batches' rows); it then
-    answers as one process whether one process, the same two ranks (from its
-    fit cache) or three ranks (one holding no shard) read it."""
+    """Two ranks write one gradient store (each its own batches' rows, in
+    shards of 5); it then answers as one process whether one process, the
+    same two ranks (from its fit cache) or three ranks read it."""
     model, train, test = inputs()
     one = answers(exemplar.NetworkExplainer(model, train, curvature="ekfac", damping=0.01, progress=False), test)
     store = str(tmp_path / "store")
     for got in spawn(2, "ekfac", [0, 0], tmp_path, store=store):
         assert_as_one(got, one)
     written = exemplar.storage.gradients.GradientStore(store)
-    assert written.manifest["world"] == 2 and [s["rank"] for s in written.shards] == [0, 1]
+    assert written.manifest["world"] == 2 and [s["rank"] for s in written.shards] == [0, 1, 0, 1, 0, 1]
+    assert written.sizes == [5, 5, 5, 5, 2, 1]  # rank 0: batches 0, 2, 4 (12 rows); rank 1: 1, 3, 5 (11)
     fits = sorted(p.name for p in (tmp_path / "store" / "fits").iterdir())
     assert_as_one(answers(exemplar.NetworkExplainer(model, train, curvature="ekfac", damping=0.01, store=store,
-                                                    progress=False), test), one)
+                                                    shard_rows=5, progress=False), test), one)
     for world in (2, 3):
         for got in spawn(world, "ekfac", [0] * world, tmp_path, store=store, run="-again"):
             assert_as_one(got, one)

@@ -12,7 +12,7 @@ import torch
 from .. import methods, storage
 from ..data import LastLayerData
 from ..methods import Method
-from ..ops import Query, TrainOperands, check_k, check_precision, merge_topk
+from ..ops import Query, TrainOperands, check_k, check_precision
 from ..results import Explanation, TopK
 from ..storage import saved
 from ..storage.jobs import ResultFolder, resumable
@@ -297,13 +297,10 @@ class Attributor:
             return q.topk(m.operands(self._fitted, rows), kb, largest, precision)
 
         label = f"topk {m.name}" if label is None else (label or None)
-        values, indices = passes.topk(k, largest, range(passes.num_blocks) if spread else passes.own(), label,
-                                      score_topk)
-        if spread:
-            return group.gather_rows(values, len(test)), group.gather_rows(indices, len(test))
-        if group.world > 1:
-            return merge_topk(group.all_gather((values, indices)), k, largest)
-        return values, indices
+        if not spread:
+            return passes.topk_merged(len(test), k, largest, label, score_topk)
+        values, indices = passes.topk(k, largest, range(passes.num_blocks), label, score_topk)
+        return group.gather_rows(values, len(test)), group.gather_rows(indices, len(test))
 
     def total_scores(self, test, method: str = "theta_relatif") -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass (test and

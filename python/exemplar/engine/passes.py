@@ -41,6 +41,15 @@ class Rows:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    @property
+    def positions(self) -> slice:
+        """The block's rows in the training set."""
+        return slice(self.start, self.start + len(self))
+
+    def positions_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of the block (indices within it) as rows of the training set."""
+        return indices + self.start
+
     @functools.cached_property
     def phi(self) -> torch.Tensor:
         """(b, Dp): the features with the bias column, in a buffer reused by the next block."""
@@ -54,20 +63,28 @@ class Rows:
 
 class Passes:
     """Reads a training set's blocks for one rank of `group`, with a progress
-    line per pass (progress: None shows it only on a terminal)."""
+    line per pass (progress: None shows it only on a terminal). Every block
+    is read as rows_of(block, buffer): by default a last layer's Rows (with
+    the bias column appended into `buffer`); a source whose blocks are
+    already rows (a whole network's, models/network_data.py) passes its own.
+    A rank reads blocks rank, rank + world, ..., unless the blocks say which
+    this process holds (`held`: a network's rows in memory, its own batches')."""
 
-    def __init__(self, train: TrainingSet, bias: bool, group: ProcessGroup, progress: bool | None):
+    def __init__(self, train: TrainingSet, bias: bool, group: ProcessGroup, progress: bool | None,
+                 rows_of=None):
         self.train, self.bias, self.group, self.progress = train, bias, group, progress
+        self.rows_of = rows_of or (lambda block, buffer: Rows(block, bias, buffer))
         self.blocks = train.blocks()
         self.num_blocks = len(self.blocks)
-        if group.world > self.num_blocks:
+        self.held = getattr(self.blocks, "held", None)
+        if self.held is None and group.world > self.num_blocks:
             raise ValueError(f"{group.world} ranks but the training set has only {self.num_blocks} "
                              "blocks (shards): each rank needs at least one; write the store with smaller shards")
         self._local = threading.local()  # each thread its own bias-column buffer
 
     def own(self) -> range:
         """The blocks this rank reads: all of them on one process."""
-        return range(self.group.rank, self.num_blocks, self.group.world)
+        return self.held if self.held is not None else range(self.group.rank, self.num_blocks, self.group.world)
 
     def rows(self, indices, label: str | None, reuse: bool = True):
         """Rows of the blocks numbered `indices`, with a progress line when `label`."""
@@ -83,7 +100,7 @@ class Passes:
                 if reuse and getattr(local, "buffer", None) is None:
                     local.buffer = torch.empty(self.blocks.max_rows, self.train.num_features + 1,
                                                dtype=self.train.dtype, device=self.train.device)
-                yield Rows(block, self.bias, local.buffer if reuse else None)
+                yield self.rows_of(block, local.buffer if reuse else None)
                 bar.update()
         finally:
             bar.close()
@@ -96,7 +113,7 @@ class Passes:
         t = self.train
         out = torch.zeros(*leading, len(t), dtype=t.dtype, device=t.device)
         for rows in self.rows(self.own(), label):
-            out[..., rows.start:rows.start + len(rows)] = fn(rows)
+            out[..., rows.positions] = fn(rows)
         return self.group.all_sum((out,))[0]
 
     def sum(self, label: str, fn) -> torch.Tensor:
@@ -113,9 +130,26 @@ class Passes:
         best = None
         for rows in self.rows(blocks, label):
             values, indices = score_topk(rows, min(k, len(rows)))
-            part = (values, indices + rows.start)
+            part = (values, rows.positions_of(indices))
             best = part if best is None else ops.merge_topk([best, part], k, largest)
         return best
+
+    def topk_merged(self, T: int, k: int, largest: bool, label: str | None, score_topk):
+        """The top k over every training block, (T, k) each: this rank's own
+        blocks (topk), then the ranks' parts gathered and merged. For equal
+        shapes in the gather a rank holding fewer than k rows pads with NaN
+        (ranked last) at index N (after every real row), so the merged top k,
+        k <= N, holds real rows only."""
+        best = self.topk(k, largest, self.own(), label, score_topk)
+        if self.group.world == 1:
+            return best
+        N, t = len(self.train), self.train
+        values, indices = best if best is not None else (
+            torch.empty(T, 0, dtype=t.dtype, device=t.device), torch.empty(T, 0, dtype=torch.int64, device=t.device))
+        pad = k - values.shape[1]
+        values = torch.cat([values, values.new_full((T, pad), float("nan"))], 1)
+        indices = torch.cat([indices, indices.new_full((T, pad), N)], 1)
+        return ops.merge_topk(self.group.all_gather((values, indices)), k, largest)
 
 
 class Means(Statistics):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .. import curvature as curv
-from .. import ops
 from ..engine.distributed import ProcessGroup
+from ..engine.passes import Passes
 from ..ops.order import check_k
 from ..progress import Progress
 from ..results import Explanation, TopK
@@ -56,6 +56,10 @@ class TestGradients:
 
     def __len__(self) -> int:
         return len(self.explained)
+
+    def explained_labels(self) -> torch.Tensor:
+        """(T,) the class each test is explained for (as LastLayerData's)."""
+        return self.explained
 
 
 class NetworkExplainer:
@@ -158,7 +162,8 @@ class NetworkExplainer:
                                  "use smaller batches or fewer ranks")
         self.train = collect(self, train_loader, store, shard_rows, overwrite)
         self.num_train = len(self.train)
-        self.fitted = NetworkFitted(self.settings, self.train, self.layers, self.dtype)
+        self.passes = Passes(self.train, False, self.group, progress, rows_of=lambda block, buffer: block)
+        self.fitted = NetworkFitted(self.settings, self.train, self.layers)
         self.fitted.fit(FisherSums(self.layers, self.num_train, lambda: self._curvature_passes(train_loader),
                                    self.group.all_sum), self.group.all_true)
 
@@ -240,38 +245,21 @@ class NetworkExplainer:
         return TestGradients([torch.cat(g) for g in grads], torch.cat(logits), torch.cat(explained),
                              self._source())
 
-    def _streamed(self, call: str, tested, name: str, each, **arguments) -> None:
-        """Calls each(query, train operands, positions) for every training block
-        this process holds (positions: the block's rows in the training set);
-        tested: check_test's result. Ranks first agree on the question."""
-        m = network_method(name)
+    def _question(self, call: str, test, method: str | None, **arguments):
+        """(method name, Method, TestGradients, Query) of one call, checked;
+        with distributed=True every rank asked the same, or every rank raises."""
+        name = method or self.method
+        m, tested = network_method(name), self.check_test(test)
         self.group.agree("queries", {"call": call, "method": name, **arguments,
                                      "test": digest(tested.logits, tested.explained)[:16]})
-        query = m.query(self.fitted, tested)
-        for rows in self.fitted.rows():
-            each(query, m.operands(self.fitted, rows), rows.positions)
+        return name, m, tested, m.query(self.fitted, tested)
 
-    def _best(self, tested, k: int, method: str, largest: bool, precision: str) -> TopK:
+    def _best(self, test, k: int, method: str | None, largest: bool, precision: str) -> tuple[str, TopK, TestGradients]:
         check_k(k, self.num_train)
-        best = None
-
-        def add(query, train, rows):
-            nonlocal best
-            values, indices = query.topk(train, min(k, len(train.phi)), largest, precision)
-            part = (values, rows[indices])
-            best = part if best is None else ops.merge_topk([best, part], k, largest)
-        self._streamed("topk", tested, method, add, k=k, largest=largest, precision=precision)
-        if best is None:  # a rank reading a store with fewer shards than ranks holds none
-            best = (torch.empty(len(tested), 0, dtype=self.dtype), torch.empty(len(tested), 0, dtype=torch.int64))
-        if self.group.world > 1:
-            # Equal shapes for the gather: a rank holding fewer than k rows pads with NaN (ranked last) at
-            # index N (after every real row), so the merged top k, k <= N, holds real rows only.
-            values, indices = best
-            pad = k - values.shape[1]
-            values = torch.cat([values, values.new_full((len(values), pad), float("nan"))], 1)
-            indices = torch.cat([indices, indices.new_full((len(indices), pad), self.num_train)], 1)
-            best = ops.merge_topk(self.group.all_gather((values, indices)), k, largest)
-        return TopK(*best)
+        name, m, tested, query = self._question("topk", test, method, k=k, largest=largest, precision=precision)
+        best = self.passes.topk_merged(len(tested), k, largest, f"network: topk {name}", lambda rows, kb: query.topk(
+            m.operands(self.fitted, rows), kb, largest, precision))
+        return name, TopK(*best), tested
 
     def topk(self, test, k: int, method: str | None = None, largest: bool = True,
              precision: str = "exact") -> TopK:
@@ -281,27 +269,19 @@ class NetworkExplainer:
         The bf16 screen's bound grows with the depth of the flattened
         gradients, and at 12,930 entries per example it measured 3.9x slower
         than "exact" (bench/network_scoring.py), so it is not the default here."""
-        return self._best(self.check_test(test), k, method or self.method, largest, precision)
+        return self._best(test, k, method, largest, precision)[1]
 
     def explain(self, test, k: int = 5, method: str | None = None, opponents: int = 0) -> Explanation:
         """Per test: the k proponents (and `opponents` most opposing examples)."""
-        method = method or self.method
-        tested = self.check_test(test)
-        top = self._best(tested, k, method, True, "exact")
-        against = self._best(tested, opponents, method, False, "exact") if opponents else None
-        logits, explained = tested.logits, tested.explained
-        probabilities = torch.softmax(logits.double(), 1).gather(1, explained.view(-1, 1)).squeeze(1)
-        return Explanation(top.indices, top.values, explained, logits.argmax(1), probabilities, method, against)
+        name, top, tested = self._best(test, k, method, True, "exact")
+        against = self._best(tested, opponents, name, False, "exact")[1] if opponents else None
+        return Explanation.of(tested, top, name, against)
 
     def scores(self, test, method: str | None = None) -> torch.Tensor:
         """(T, N) every score (for small sets; topk streams)."""
-        tested = self.check_test(test)
-        out = torch.zeros(len(tested), self.num_train, dtype=tested.gradients[0].dtype)
-
-        def add(q, train, rows):
-            out[:, rows] = q.scores(train)
-        self._streamed("scores", tested, method or self.method, add)
-        return self.group.all_sum((out,))[0]
+        name, m, tested, q = self._question("scores", test, method)
+        return self.passes.per_row(f"network: scores {name}", (len(tested),),
+                                   lambda rows: q.scores(m.operands(self.fitted, rows)))
 
     def subset_scores(self, test, subsets: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """(T, M) float64: sum over each subset's rows of the scores, subsets
@@ -311,22 +291,16 @@ class NetworkExplainer:
             raise ValueError(f"subsets must be an (M, N={self.num_train}) bool tensor, got "
                              + (f"{tuple(subsets.shape)} {subsets.dtype}" if isinstance(subsets, torch.Tensor)
                                 else type(subsets).__name__))
-        tested = self.check_test(test)
-        total = torch.zeros(len(tested), len(subsets), dtype=torch.float64)
-
-        def add(q, train, rows):
-            total.add_(q.scores(train).double() @ subsets[:, rows].double().T)
-        self._streamed("subset_scores", tested, method or self.method, add,
-                       subsets=digest(subsets.bool())[:16])
-        return self.group.all_sum((total,))[0]
+        name, m, tested, q = self._question("subset_scores", test, method, subsets=digest(subsets)[:16])
+        return self.passes.sum(f"network: subset_scores {name}", lambda rows: q.scores(
+            m.operands(self.fitted, rows)).double() @ subsets[:, rows.positions].double().T)
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,) score(i, i) of each training example for its own label."""
         m = network_method(method)
-        out = torch.zeros(self.num_train, dtype=self.dtype)
-        for rows in self.fitted.rows():
-            out[rows.positions] = m.self_influence(self.fitted, rows).to(self.dtype)
-        return self.group.all_sum((out,))[0]
+        self.group.agree("queries", {"call": "self_influence", "method": method})
+        return self.passes.per_row(f"network: self_influence {method}", (),
+                                   lambda rows: m.self_influence(self.fitted, rows))
 
     def __repr__(self) -> str:
         widths = sum(layer.width for layer in self.layers)

@@ -4,6 +4,7 @@ a pass over the loader and held in memory or in a GradientStore
 (storage/gradients.py), and read back as row blocks."""
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -52,19 +53,58 @@ class LayerGradients:
         return {f"{j}.g": self.tensors[0]}
 
 
+class NetworkRows:
+    """One block of a network's training rows as methods see them
+    (methods.Rows): phi (b, P), the layers' gradients flattened and joined,
+    and r (b, 1) ones; `positions` are the rows' places in the training set."""
+    features = logits = labels = None  # a network has no head: needs_head methods are refused
+
+    def __init__(self, index: int, positions: torch.Tensor, grads: list[LayerGradients], dtype: torch.dtype):
+        self.index, self.positions, self.grads, self.dtype = index, positions, grads, dtype
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def positions_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of the block (indices within it) as rows of the training set."""
+        return self.positions[indices]
+
+    @functools.cached_property
+    def phi(self) -> torch.Tensor:
+        """(b, P): every layer's per-example gradient, flattened and joined."""
+        return torch.cat([g.rows() for g in self.grads], 1).to(self.dtype)
+
+    @functools.cached_property
+    def r(self) -> torch.Tensor:
+        """(b, 1) ones: a network's row is its gradient alone."""
+        return torch.ones(len(self), 1, dtype=self.dtype)
+
+
 class TrainingGradients:
-    """The training set's per-layer gradients this process holds: in memory
-    (`rows`, the training rows' positions, and one LayerGradients per layer
-    for them; with distributed=True a rank holds its own batches' rows) or
-    in a GradientStore (a rank reads its own shards: i % world == rank).
+    """The training set's per-layer gradients this process holds, as the
+    engine's Passes read them (a storage.TrainingSet whose blocks are
+    NetworkRows): in memory (`rows`, the training rows' positions, and one
+    LayerGradients per layer for them; with distributed=True a rank holds its
+    own batches' rows, blocks of block_rows(width) of them) or a GradientStore
+    (every shard a block, rank r reading shards r, r + world, ...).
 
     Attributes:
-        num_train: N, the rows of the whole training set."""
+        num_train: N, the rows of the whole training set; width: gradient
+        entries per row; dtype: what rows are scored in."""
+    device = torch.device("cpu")
 
-    def __init__(self, num_train: int, rows: torch.Tensor | None = None, layers: list[LayerGradients] | None = None,
-                 store: GradientStore | None = None, rank: int = 0, world: int = 1):
-        self.num_train, self.rows, self.layers, self.store = num_train, rows, layers, store
-        self.rank, self.world = rank, world
+    def __init__(self, num_train: int, width: int, dtype: torch.dtype, rows: torch.Tensor | None = None,
+                 layers: list[LayerGradients] | None = None, store: GradientStore | None = None):
+        self.num_train, self.width, self.dtype = num_train, width, dtype
+        self.rows, self.layers, self.store = rows, layers, store
+        if store is None:
+            step = block_rows(width)
+            self.starts = list(range(0, len(rows), step))
+            self.sizes = [min(step, len(rows) - s) for s in self.starts]
+            self.held = range(len(self.sizes))  # every block in memory is this process's own
+        else:
+            self.sizes, self.held = store.sizes, None
+        self.max_rows = max(self.sizes)
 
     def __len__(self) -> int:
         return self.num_train
@@ -73,21 +113,32 @@ class TrainingGradients:
         """The store's content fingerprint (None in memory)."""
         return None if self.store is None else self.store.fingerprint()
 
-    def blocks(self, width: int):
-        """Yields (index, positions (n,) int64: the block's rows in the training
-        set, [LayerGradients per layer]) for every block this process holds: a
-        store's shards (index: the shard's), or blocks of block_rows(width)
-        rows in memory (index: the block's among this process's)."""
-        if self.store is None:
-            step = block_rows(width)
-            for index, start in enumerate(range(0, len(self.rows), step)):
-                yield index, self.rows[start:start + step], [g.slice(start, start + step) for g in self.layers]
-            return
-        for i in range(self.rank, len(self.store.sizes), self.world):
+    def blocks(self) -> "GradientBlocks":
+        """The rows as blocks (storage.Blocks)."""
+        return GradientBlocks(self)
+
+    def read(self, indices):
+        """Yields NetworkRows of the blocks numbered `indices`."""
+        for i in indices:
+            if self.store is None:
+                start, stop = self.starts[i], self.starts[i] + self.sizes[i]
+                yield NetworkRows(i, self.rows[start:stop], [g.slice(start, stop) for g in self.layers], self.dtype)
+                continue
             tensors = self.store.shard(i)
-            yield i, tensors["positions"], [
+            yield NetworkRows(i, tensors["positions"], [
                 LayerGradients(tuple(tensors[f"{j}.{k}"] for k in (("delta", "a") if layer["factored"] else ("g",))))
-                for j, layer in enumerate(self.store.layers)]
+                for j, layer in enumerate(self.store.layers)], self.dtype)
+
+
+class GradientBlocks:
+    """A TrainingGradients' blocks (storage.Blocks): their sizes, which this
+    process holds (None: rank r reads blocks r, r + world, ...) and a reader."""
+
+    def __init__(self, train: TrainingGradients):
+        self.sizes, self.max_rows, self.held, self.read = train.sizes, train.max_rows, train.held, train.read
+
+    def __len__(self) -> int:
+        return len(self.sizes)
 
 
 def data_digest(loader) -> tuple[str, int]:
@@ -142,6 +193,7 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
     ranks each rank runs the model on its own batches (index % world == rank)
     and holds (or writes) their rows; each step's errors are raised on every rank."""
     layers, group = explainer.layers, explainer.group
+    width = sum(layer.width for layer in layers)
     order = _fixed_order(loader)
     if store is None:
         def gather():
@@ -149,7 +201,7 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
             parts = list(_own_gradients(explainer, loader, 0, seen))
             joined = [LayerGradients(tuple(torch.cat(x) for x in zip(*(grads[j].tensors for _, _, grads in parts))))
                       for j in range(len(layers))]
-            return TrainingGradients(seen["rows"], torch.cat([p for p, _, _ in parts]), joined)
+            return TrainingGradients(seen["rows"], width, explainer.dtype, torch.cat([p for p, _, _ in parts]), joined)
         return group.call_together(gather)
 
     def begin():
@@ -176,7 +228,7 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
         writer.close()
     group.call_together(write)
     finished = group.call_together(lambda: finish(store))
-    return TrainingGradients(len(finished), store=finished, rank=group.rank, world=group.world)
+    return TrainingGradients(len(finished), width, explainer.dtype, store=finished)
 
 
 def _labels(y, index: int):

@@ -8,7 +8,6 @@ last layer itself (needs_head) are refused. Fits and per-example values
 are kept in the gradient store's fits/<tag>/ cache when there is one."""
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
@@ -31,27 +30,6 @@ def network_method(name):
                          "exemplar.Explainer (or an Attributor on its features), or pick one of "
                          f"{tuple(n for n in methods.names() if not methods.get(n).needs_head)}")
     return m
-
-
-class NetworkRows:
-    """One block of a network's training rows as methods see them
-    (methods.Rows): phi (b, P), the layers' gradients flattened and joined,
-    and r (b, 1) ones; `positions` are the rows' places in the training set."""
-    features = logits = labels = None  # a network has no head: needs_head methods are refused
-
-    def __init__(self, index: int, positions: torch.Tensor, grads: list, dtype: torch.dtype):
-        self.index, self.positions, self._grads, self._dtype = index, positions, grads, dtype
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    @functools.cached_property
-    def phi(self) -> torch.Tensor:
-        return torch.cat([g.rows() for g in self._grads], 1).to(self._dtype)
-
-    @functools.cached_property
-    def r(self) -> torch.Tensor:
-        return torch.ones(len(self), 1, dtype=self._dtype)
 
 
 class FisherSums(curv.LayerStatistics):
@@ -91,23 +69,16 @@ class NetworkFitted(ColumnContext):
     theta = None  # no single trained layer
     num_classes = 1
 
-    def __init__(self, settings, train, layers, dtype: torch.dtype):
-        self.settings, self.train, self.dtype = settings, train, dtype
+    def __init__(self, settings, train, layers):
+        self.settings, self.dtype, self.num_train = settings, train.dtype, len(train)
         self.layer_shapes = [(layer.k_out, layer.k_in) for layer in layers]
-        self.width = sum(layer.width for layer in layers)
-        self.num_train = len(train)
         self.cache: dict[str, torch.Tensor] = {}
         self.curvature: curv.LayerBlocks | None = None
         if train.store is None:
-            self.columns = MemoryColumns([len(rows) for _, rows, _ in train.blocks(self.width)])
+            self.columns = MemoryColumns(train.sizes)
         else:
             self.columns = StoreColumns(train.store, StoreFits({"settings": settings.to_dict(),
                                                                 "train": train.fingerprint()}))
-
-    def rows(self):
-        """Yields NetworkRows for every training block this process holds."""
-        for index, positions, grads in self.train.blocks(self.width):
-            yield NetworkRows(index, positions, grads, self.dtype)
 
     def fit(self, statistics: FisherSums, all_true) -> None:
         """The curvature from the fit cache (checked like user input) when
