@@ -17,7 +17,7 @@ if [ "$(cat "$VENV/.exemplar-deps" 2>/dev/null)" != "$DEPS $ZOO" ]; then
   # shellcheck disable=SC2086
   "$VENV/bin/pip" install -qq $DEPS
   # torchvision and timm for the model-zoo tests only, in a folder off sys.path
-  # that tests/test_zoo.py adds: PyPI's torchvision wheels (0.28.0 is the one
+  # that tests/models/test_zoo.py adds: PyPI's torchvision wheels (0.28.0 is the one
   # for torch 2.13) link CUDA libraries, so with the CPU torch their ops do
   # not load and importing torchvision fails, and with it transformers. Their
   # other needs (numpy, pillow, pyyaml, huggingface-hub, safetensors) are above.

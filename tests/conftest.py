@@ -32,7 +32,7 @@ def kernel(request, device):
 def _skip_group(reason: str) -> str:
     """The skip reasons folded into a few kinds a contributor can act on."""
     if "CUDA" in reason or "fused" in reason:
-        return "need a CUDA GPU and a CUDA build (the device grid: tests/test_cuda.py, test_ops.py)"
+        return "need a CUDA GPU and a CUDA build (the device grid: tests/gpu/test_cuda.py, tests/ops/test_ops.py)"
     if "Chromium" in reason:
         return "need Chromium (apt-get install chromium)"
     return reason

@@ -4,6 +4,7 @@ order. Import with `from helpers import ...` (pytest puts tests/ on the path).""
 import math
 
 import torch
+from torch import nn
 
 import exemplar
 from exemplar import ops
@@ -162,3 +163,15 @@ def topk_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """a, b (T, k) training indices, distinct per row -> the fraction of a's
     entries that b's row also holds."""
     return float((a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum()) / a.numel()
+
+
+def tiny_model():
+    """A seeded 4-6-3 ReLU MLP (float32)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def tensor_dataset(n=40, seed=0):
+    """n random (x (4,), label in [0, 3)) examples."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))

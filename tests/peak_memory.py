@@ -1,4 +1,4 @@
-"""Run by tests/test_memory.py in a fresh process: prints how far the resident
+"""Run by tests/ops/test_memory.py in a fresh process: prints how far the resident
 set grew above its level before the call (bytes), for the top-k path and, as a
 control that the measurement sees a (T, N) buffer when there is one, the dense
 path. The caller sets MALLOC_MMAP_THRESHOLD_ so large blocks go back to the OS

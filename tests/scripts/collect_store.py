@@ -1,4 +1,4 @@
-"""Run by tests/test_store.py: collects a small model's last layer into a store
+"""Run by tests/storage/test_store.py: collects a small model's last layer into a store
 (argv: store path, delay seconds per batch) and prints how many batches the
 model ran on, so a kill -9 mid-run and a rerun can be compared."""
 import sys

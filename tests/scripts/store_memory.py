@@ -1,4 +1,4 @@
-"""Run by tests/test_store.py in a fresh process: peak resident-set growth
+"""Run by tests/storage/test_store.py in a fresh process: peak resident-set growth
 (bytes) of fitting an Attributor and a top-k query over a store of argv[2]
 rows, or, as the control, over the same rows loaded in memory (argv[1] is
 "store" or "memory"). The caller sets MALLOC_MMAP_THRESHOLD_ so freed shards

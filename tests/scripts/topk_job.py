@@ -1,4 +1,4 @@
-"""Run by tests/test_store.py: a resumable top-k job over a store (argv: store,
+"""Run by tests/storage/test_store.py: a resumable top-k job over a store (argv: store,
 job folder, delay seconds per test block); prints how many test blocks it
 computed, then saves the result next to the job folder."""
 import sys

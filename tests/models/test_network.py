@@ -123,6 +123,7 @@ def test_scores_equal_the_float64_reference(curvature):
         torch.testing.assert_close(e.scores(batches(xt, yt), method), want, rtol=1e-9, atol=1e-12)
         top = e.topk(batches(xt, yt), 4, method)
         torch.testing.assert_close(top.values, want.topk(4, 1).values, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(e.total_scores(batches(xt, yt), method), want.sum(0), rtol=1e-9, atol=1e-11)
     diag = ref.scores(train, train, fishers, 0.01, "if").diagonal()
     torch.testing.assert_close(e.self_influence("if"), diag, rtol=1e-9, atol=1e-12)
 

@@ -59,6 +59,12 @@ def test_divine_errors():
         exemplar.divine(attr, train, m=2, regularizer="nope")
     with pytest.raises(ValueError, match="need 1 <= m <= candidates <= N=30"):
         exemplar.divine(attr, train, m=5, candidates=40)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3
+    net = exemplar.NetworkExplainer(model, [(x, y)], progress=False)
+    for select in (exemplar.divine, exemplar.divine_global):
+        with pytest.raises(TypeError, match="must be an exemplar.Attributor .* got NetworkExplainer"):
+            select(net, [(x, y)], m=2)
 
 
 def test_inspection_order_and_detection_curve():

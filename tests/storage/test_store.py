@@ -17,7 +17,7 @@ from exemplar import curvature as curv
 from exemplar.storage import Store, StoreError, StoreWriter, write_store
 from helpers import make_data, make_layer_data
 
-SCRIPTS = pathlib.Path(__file__).parent / "scripts"
+SCRIPTS = pathlib.Path(__file__).parents[1] / "scripts"
 
 
 def tree_bytes(path: pathlib.Path) -> dict[str, bytes]:

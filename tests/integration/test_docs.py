@@ -16,7 +16,7 @@ import pytest
 
 import exemplar
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _api_module():
@@ -107,7 +107,7 @@ RUN_ELSEWHERE = {
     "export CUDA_HOME": "needs a CUDA toolkit and a CUDA torch (bench/gpu.sh on a GPU machine)",
     "cmake -S . -B build": ".ci/run's CMake libtorch build and ctest",
     "torchrun --nproc-per-node": "the explain.py block after it runs here in a 1-process group",
-    "examples/imdb_text.py": "tests/test_zoo.py runs --quick; the full run is docs/imdb.md's measurement",
+    "examples/imdb_text.py": "tests/models/test_zoo.py runs --quick; the full run is docs/imdb.md's measurement",
 }
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(__file__))  # tests/, where peak_memory.py is
 
 
 @pytest.mark.slow

@@ -216,7 +216,7 @@ def test_truncating_fit_files_under_an_open_attributor_cannot_kill_it(tmp_path):
     store = write_store(make_data(70, 3, 5, seed=33), tmp_path / "s", shard_rows=25)
     test = make_data(4, 3, 5, seed=34, labels=False)
     want = exemplar.Attributor(store, curvature="kfac").topk(test, 3, "theta_relatif").indices.tolist()
-    script = TRUNCATE_AFTER_OPENING.format(tests=str(pathlib.Path(__file__).parent), path=str(store.path))
+    script = TRUNCATE_AFTER_OPENING.format(tests=str(pathlib.Path(__file__).parents[1]), path=str(store.path))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr  # SIGBUS would be -7
     assert run.stdout.splitlines() == [str(want), "StoreError True"]
