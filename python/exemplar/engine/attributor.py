@@ -18,6 +18,7 @@ from ..storage import saved
 from ..storage.jobs import ResultFolder, resumable
 from ..storage.saved import digest
 from . import state
+from .answers import Answers
 from .distributed import ProcessGroup
 from .fitted import FitIdentity, Fitted
 from .layer import check_test, theta_from_layer
@@ -27,7 +28,7 @@ from .settings import Settings
 FORMAT = "exemplar.Attributor/1"
 
 
-class Attributor:
+class Attributor(Answers):
     """Explains test predictions by training examples.
 
     Arguments:
@@ -89,16 +90,8 @@ class Attributor:
         self._train, self.settings, self._group = train_set, settings, group
         self._passes = Passes(train_set, settings.bias, group, progress)
 
-    def _agree(self, call: str, method: str, test: LastLayerData | None, **arguments) -> None:
-        """With distributed=True: every rank was asked the same (call, method,
-        test set, arguments) and holds the same fits, or every rank raises."""
-        if not self._group.distributed:
-            return
-        fitted = self._fitted
-        self._group.agree("queries", {"call": call, "method": method, **arguments,
-                                      "test": None if test is None else
-                                      digest(test.features, test.logits, test.labels)[:16],
-                                      "fits": sorted(fitted.cache) + sorted(fitted.extra_curvatures)})
+    def _test_digest(self, test: LastLayerData) -> str:
+        return digest(test.features, test.logits, test.labels)[:16]
 
     # ---------------------------------------------------------------- what it holds
 
@@ -116,12 +109,6 @@ class Attributor:
     def theta(self) -> torch.Tensor | None:
         """(C, Dp) float64: the trained layer [W | b], or None without weight=."""
         return self._fitted.theta
-
-    @property
-    def context(self):
-        """The fitted state methods see (an exemplar.methods.Context): what to
-        pass to a Method's own functions, such as the RPS-l2 refit."""
-        return self._fitted
 
     @property
     def num_train(self) -> int:
@@ -207,11 +194,7 @@ class Attributor:
             loss); the RelatIF variants divide it by a norm of i's own
             influence, so they are unitless; grad_cos is a cosine in [-1, 1];
             RPS, i's contribution to the explained logit; kNN, -|f_t - f_i|^2."""
-        m, test = methods.get(method), self.check_test(test)
-        self._agree("scores", method, test)
-        q = m.query(self._fitted, test)
-        return self._passes.per_row(f"scores {method}", (len(test),),
-                                    lambda rows: q.scores(m.operands(self._fitted, rows)))
+        return self._scores(test, method)
 
     def topk(self, test, k: int, method: str = "theta_relatif", largest: bool = True,
              out: str | os.PathLike | None = None, split: str = "train", test_rows: int = 1024,
@@ -255,7 +238,7 @@ class Attributor:
             return TopK(*self._topk(test, k, m, largest, split, precision))
         # What the job's answer depends on; a folder holding another job is refused.
         job = dict(job="topk", method=method, k=k, largest=largest, test_rows=test_rows, T=len(test),
-                   precision=precision, test=digest(test.features, test.logits, test.labels)[:16],
+                   precision=precision, test=self._test_digest(test),
                    N=self.num_train, train=self._train.fingerprint(), settings=self.settings.to_dict(),
                    layer=self._identity.layer)
         folder = ResultFolder(out, job)
@@ -278,63 +261,37 @@ class Attributor:
         """An Explanation of each test prediction: its k top proponents by
         `method` and, with opponents=m > 0, its m top opponents (the most
         negative scores). test and method as for scores()."""
-        if isinstance(opponents, bool) or not isinstance(opponents, int) or not 0 <= opponents <= self.num_train:
-            raise ValueError(f"opponents must be an integer in [0, N] = [0, {self.num_train}], got {opponents!r}")
-        check_k(k, self.num_train)
-        m, test = methods.get(method), self.check_test(test)
-        self._agree("explain", method, test, k=k, opponents=opponents)
-        against = TopK(*self._topk(test, opponents, m, False)) if opponents else None
-        return Explanation.of(test, TopK(*self._topk(test, k, m, True)), method, against)
+        return self._explain(test, k, method, opponents, "auto")
 
     def _topk(self, test: LastLayerData, k: int, m: Method, largest: bool, split: str = "train",
               precision: str = "auto", label: str | None = None):
         """Top-k of a checked test set by a resolved method, merged across ranks."""
         group, passes = self._group, self._passes
-        spread = split == "test" and group.world > 1  # each rank its share of the tests
-        q = m.query(self._fitted, test[group.share(len(test))] if spread else test)
-
-        def score_topk(rows, kb):
-            return q.topk(m.operands(self._fitted, rows), kb, largest, precision)
-
+        if split != "test" or group.world == 1:
+            return self._best(test, k, m, largest, precision, label)
+        q = m.query(self._fitted, test[group.share(len(test))])  # each rank its share of the tests
         label = f"topk {m.name}" if label is None else (label or None)
-        if not spread:
-            return passes.topk_merged(len(test), k, largest, label, score_topk)
-        values, indices = passes.topk(k, largest, range(passes.num_blocks), label, score_topk)
+        values, indices = passes.topk(k, largest, range(passes.num_blocks), label, lambda rows, kb: q.topk(
+            m.operands(self._fitted, rows), kb, largest, precision))
         return group.gather_rows(values, len(test)), group.gather_rows(indices, len(test))
 
     def total_scores(self, test, method: str = "theta_relatif") -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass (test and
         method as for scores())."""
-        m, test = methods.get(method), self.check_test(test)
-        self._agree("total_scores", method, test)
-        q = m.query(self._fitted, test)
-        return self._passes.per_row(f"total_scores {method}", (),
-                                    lambda rows: q.total(m.operands(self._fitted, rows)))
+        return self._total_scores(test, method)
 
     def subset_scores(self, test, subsets: torch.Tensor, method: str = "theta_relatif") -> torch.Tensor:
         """(T, M) float64: sum over the training rows of each subset j of
         score(t, i), what an attribution predicts of retraining on subset j
         (the linear datamodel of LDS), in one pass; test and method as for
         scores(). subsets: (M, N) bool, or one-hot rows for single scores."""
-        m, test = methods.get(method), self.check_test(test)
-        N = self.num_train
-        if not isinstance(subsets, torch.Tensor) or subsets.dtype != torch.bool or subsets.dim() != 2 \
-                or subsets.shape[1] != N:
-            got = (tuple(subsets.shape), subsets.dtype) if isinstance(subsets, torch.Tensor) else type(subsets).__name__
-            raise ValueError(f"subsets must be an (M, N={N}) bool tensor, got {got}")
-        self._agree("subset_scores", method, test, subsets=digest(subsets)[:16])
-        q, masks = m.query(self._fitted, test), subsets.to(self.device)
-        return self._passes.sum(f"subset_scores {method}", lambda rows: q.scores(
-            m.operands(self._fitted, rows)).double() @ masks[:, rows.start:rows.start + len(rows)].T.double())
+        return self._subset_scores(test, subsets, method)
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,): score(i, i) of each training example on itself under its own
         label; large values flag examples the model finds hard or mislabelled
         (for RPS, rank by the absolute value). kNN: 0 by definition."""
-        m = methods.get(method)
-        self._agree("self_influence", method, None)
-        return self._passes.per_row(f"self_influence {method}", (),
-                                    lambda rows: m.self_influence(self._fitted, rows))
+        return self._self_influence(method)
 
     # ---------------------------------------------------------------- saved state
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import curvature as curv
+from ..engine.answers import Answers
 from ..engine.distributed import ProcessGroup
 from ..engine.passes import Passes
 from ..ops.order import check_k
@@ -62,7 +63,7 @@ class TestGradients:
         return self.explained
 
 
-class NetworkExplainer:
+class NetworkExplainer(Answers):
     """Explains a model's predictions through the chosen layers of the whole
     network: per-example gradients of every nn.Linear / nn.Conv2d layer
     (exact, or Kronecker-projected to at most `projection` per side),
@@ -162,15 +163,16 @@ class NetworkExplainer:
                                  "use smaller batches or fewer ranks")
         self.train = collect(self, train_loader, store, shard_rows, overwrite)
         self.num_train = len(self.train)
-        self.passes = Passes(self.train, False, self.group, progress, rows_of=lambda block, buffer: block)
-        self.fitted = NetworkFitted(self.settings, self.train, self.layers)
-        self.fitted.fit(FisherSums(self.layers, self.num_train, lambda: self._curvature_passes(train_loader),
-                                   self.group.all_sum), self.group.all_true)
+        fitted = NetworkFitted(self.settings, self.train, self.layers)
+        fitted.fit(FisherSums(self.layers, self.num_train, lambda: self._curvature_passes(train_loader),
+                              self.group.all_sum), self.group.all_true)
+        self._engine(Passes(self.train, False, self.group, progress, rows_of=lambda block, buffer: block), fitted,
+                     self.group)
 
     @property
     def curvature(self) -> curv.LayerBlocks:
         """The fitted block-diagonal curvature (one curvature form per layer)."""
-        return self.fitted.curvature
+        return self.context.curvature
 
     # ---- fitting -------------------------------------------------------------------------------------------------
 
@@ -245,21 +247,11 @@ class NetworkExplainer:
         return TestGradients([torch.cat(g) for g in grads], torch.cat(logits), torch.cat(explained),
                              self._source())
 
-    def _question(self, call: str, test, method: str | None, **arguments):
-        """(method name, Method, TestGradients, Query) of one call, checked;
-        with distributed=True every rank asked the same, or every rank raises."""
-        name = method or self.method
-        m, tested = network_method(name), self.check_test(test)
-        self.group.agree("queries", {"call": call, "method": name, **arguments,
-                                     "test": digest(tested.logits, tested.explained)[:16]})
-        return name, m, tested, m.query(self.fitted, tested)
+    def _method(self, name):
+        return network_method(name)
 
-    def _best(self, test, k: int, method: str | None, largest: bool, precision: str) -> tuple[str, TopK, TestGradients]:
-        check_k(k, self.num_train)
-        name, m, tested, query = self._question("topk", test, method, k=k, largest=largest, precision=precision)
-        best = self.passes.topk_merged(len(tested), k, largest, f"network: topk {name}", lambda rows, kb: query.topk(
-            m.operands(self.fitted, rows), kb, largest, precision))
-        return name, TopK(*best), tested
+    def _test_digest(self, test: TestGradients) -> str:
+        return digest(test.logits, test.explained)[:16]
 
     def topk(self, test, k: int, method: str | None = None, largest: bool = True,
              precision: str = "exact") -> TopK:
@@ -269,44 +261,32 @@ class NetworkExplainer:
         The bf16 screen's bound grows with the depth of the flattened
         gradients, and at 12,930 entries per example it measured 3.9x slower
         than "exact" (bench/network_scoring.py), so it is not the default here."""
-        return self._best(test, k, method, largest, precision)[1]
+        method = method or self.method
+        check_k(k, self.num_train)
+        m, tested = network_method(method), self.check_test(test)
+        self._agree("topk", method, tested, k=k, largest=largest, precision=precision)
+        return TopK(*self._best(tested, k, m, largest, precision))
 
     def explain(self, test, k: int = 5, method: str | None = None, opponents: int = 0) -> Explanation:
         """Per test: the k proponents (and `opponents` most opposing examples)."""
-        name, top, tested = self._best(test, k, method, True, "exact")
-        against = self._best(tested, opponents, name, False, "exact")[1] if opponents else None
-        return Explanation.of(tested, top, name, against)
+        return self._explain(test, k, method or self.method, opponents, "exact")
 
     def scores(self, test, method: str | None = None) -> torch.Tensor:
         """(T, N) every score (for small sets; topk streams)."""
-        name, m, tested, q = self._question("scores", test, method)
-        return self.passes.per_row(f"network: scores {name}", (len(tested),),
-                                   lambda rows: q.scores(m.operands(self.fitted, rows)))
+        return self._scores(test, method or self.method)
 
     def total_scores(self, test, method: str | None = None) -> torch.Tensor:
         """(N,): sum over the test set of score(t, i), in one pass."""
-        name, m, tested, q = self._question("total_scores", test, method)
-        return self.passes.per_row(f"network: total_scores {name}", (),
-                                   lambda rows: q.total(m.operands(self.fitted, rows)))
+        return self._total_scores(test, method or self.method)
 
     def subset_scores(self, test, subsets: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """(T, M) float64: sum over each subset's rows of the scores, subsets
         (M, N) bool; what exemplar.lds predicts retraining with."""
-        if not isinstance(subsets, torch.Tensor) or subsets.dim() != 2 or subsets.shape[1] != self.num_train \
-                or subsets.dtype != torch.bool:
-            raise ValueError(f"subsets must be an (M, N={self.num_train}) bool tensor, got "
-                             + (f"{tuple(subsets.shape)} {subsets.dtype}" if isinstance(subsets, torch.Tensor)
-                                else type(subsets).__name__))
-        name, m, tested, q = self._question("subset_scores", test, method, subsets=digest(subsets)[:16])
-        return self.passes.sum(f"network: subset_scores {name}", lambda rows: q.scores(
-            m.operands(self.fitted, rows)).double() @ subsets[:, rows.positions].double().T)
+        return self._subset_scores(test, subsets, method or self.method)
 
     def self_influence(self, method: str = "if") -> torch.Tensor:
         """(N,) score(i, i) of each training example for its own label."""
-        m = network_method(method)
-        self.group.agree("queries", {"call": "self_influence", "method": method})
-        return self.passes.per_row(f"network: self_influence {method}", (),
-                                   lambda rows: m.self_influence(self.fitted, rows))
+        return self._self_influence(method)
 
     def __repr__(self) -> str:
         widths = sum(layer.width for layer in self.layers)

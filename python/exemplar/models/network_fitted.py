@@ -73,6 +73,7 @@ class NetworkFitted(ColumnContext):
         self.settings, self.dtype, self.num_train = settings, train.dtype, len(train)
         self.layer_shapes = [(layer.k_out, layer.k_in) for layer in layers]
         self.cache: dict[str, torch.Tensor] = {}
+        self.extra_curvatures: dict = {}  # methods refitting the curvature elsewhere need a head
         self.curvature: curv.LayerBlocks | None = None
         if train.store is None:
             self.columns = MemoryColumns(train.sizes)
