@@ -144,3 +144,26 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         explainer.save(path)
     assert path.read_bytes() == original and os.listdir(tmp_path) == ["explainer.safetensors"]
+
+
+def test_one_settings_for_both_facades_and_state_saved_before_its_network_fields():
+    """exemplar.Settings is a NetworkExplainer's settings too (its layers, Fisher,
+    projection and seed); an Attributor's state saved before those fields (and
+    rank) existed loads with their defaults and answers the same."""
+    model = tiny_model()
+    loader = torch.utils.data.DataLoader(tensor_dataset(), batch_size=8)
+    net = exemplar.NetworkExplainer(model, loader, fisher="sampled", projection=3, progress=False)
+    assert isinstance(net.settings, exemplar.Settings)
+    assert [layer["name"] for layer in net.settings.layers] == ["0", "2"]
+    assert (net.settings.fisher, net.settings.projection, net.settings.curvature) == ("sampled", 3, "ekfac")
+    for bad, match in (({"fisher": "model"}, "fisher must be one of"), ({"projection": 0}, "projection must be"),
+                       ({"seed": -1}, "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=match):
+            exemplar.NetworkExplainer(model, loader, progress=False, **bad)
+    train = exemplar.LastLayer(model).collect(loader, progress=False)
+    attr = exemplar.Attributor(train, curvature="kfac")
+    tensors, config = attr.state_dict()
+    old = {k: v for k, v in config.items() if k not in ("rank", "layers", "fisher", "projection", "seed")}
+    loaded = exemplar.Attributor.from_state(tensors, old)
+    assert loaded.settings == attr.settings
+    assert torch.equal(loaded.scores(train, "if"), attr.scores(train, "if"))

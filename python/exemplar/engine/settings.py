@@ -1,6 +1,6 @@
-"""Settings: everything that decides what an Attributor fits and answers,
-in one frozen dataclass, validated once, with a stable fingerprint
-(docs/design.md §4). Saved state stores it as a dict (to_dict) and reads it
+"""Settings: everything that decides what an Attributor or a
+NetworkExplainer fits and answers, in one frozen dataclass, validated once,
+with a stable fingerprint (docs/design.md §4). Saved state stores it as a dict (to_dict) and reads it
 back through from_dict, so a setting is checked the same way however it
 arrives."""
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from .. import curvature as curv
 
 KFAC_DAMPINGS = ("eigenbasis", "factored")
+FISHERS = ("expected", "sampled", "empirical")
+# Fields added after saved state was first written: a file without them holds their defaults.
+LATER_FIELDS = ("rank", "layers", "fisher", "projection", "seed")
 
 
 def _check_number(name: str, value, low: float, strict: bool) -> None:
@@ -21,10 +24,15 @@ def _check_number(name: str, value, low: float, strict: bool) -> None:
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
+def _is_integer(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 @dataclass(frozen=True)
 class Settings:
-    """An Attributor's settings. Every field is checked on construction; the
-    error names the field and what it accepts. A field's metadata holds its
+    """The settings of an Attributor (the last layer: layers None) or a
+    NetworkExplainer (its layers, described). Every field is checked on
+    construction; the error names the field and what it accepts. A field's metadata holds its
     help and, where the command line takes it, its option's argparse
     arguments ("option"): the CLI's options and defaults come from here."""
     curvature: str = field(default="kfac", metadata={
@@ -45,9 +53,30 @@ class Settings:
     rank: int | str | None = field(default=None, metadata={
         "help": "kfac/ekfac with eigenbasis damping: truncate the damped inverse eigenvalues to rank m, "
                 "or 'auto'", "option": lambda: {"type": lambda text: text if text == "auto" else int(text)}})
+    layers: tuple[dict, ...] | None = field(default=None, metadata={
+        "help": "a whole network's layers as NetworkExplainer describes them (name, kind, sides, "
+                "projection); None: the last layer"})
+    fisher: str = field(default="expected", metadata={
+        "help": "the output gradients the curvature is fitted from: 'expected' (every class weighted by "
+                "its probability: the Gauss-Newton matrix, a last layer's always), 'sampled' (one label "
+                "drawn from the softmax, seeded) or 'empirical' (the labels)"})
+    projection: int | None = field(default=None, metadata={
+        "help": "a network layer's sides wider than this are projected to it (seeded Gaussian); None: exact"})
+    seed: int = field(default=0, metadata={"help": "seeds the projections and the sampled Fisher's labels"})
 
     def __post_init__(self):
-        curvature = curv.get(self.curvature)  # "curvature must be one of ..."
+        # "curvature must be one of ...", or, for a network, one with a fit for its layers
+        curvature = curv.get(self.curvature) if self.layers is None else curv.get_for_layers(self.curvature)
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.projection is not None and not _is_integer(self.projection, 1):
+            raise ValueError(f"projection must be None (exact gradients) or an integer >= 1, got {self.projection!r}")
+        if not _is_integer(self.seed, 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(isinstance(x, dict) for x in self.layers):
+                raise ValueError(f"layers must be None or a list of layer descriptions, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
         if self.kfac_damping not in KFAC_DAMPINGS:
             raise ValueError(f"kfac_damping must be one of {KFAC_DAMPINGS}, got {self.kfac_damping!r}")
         rank = self.rank
@@ -75,7 +104,7 @@ class Settings:
             raise ValueError(f"{where[:-1] or 'settings'} must be a JSON object, got {type(values).__name__}")
         names = [f.name for f in fields(cls)]
         for name in names:
-            if name not in values and name != "rank":  # files written before rank= existed lack it
+            if name not in values and name not in LATER_FIELDS:
                 raise ValueError(f"missing key '{where}{name}'")
         unknown = sorted(set(values) - set(names))
         if unknown:

@@ -208,8 +208,6 @@ def choose_layers(model: nn.Module, layers, projection: int | None, seed: int) -
         if not chosen or len(set(named)) != len(named):
             raise ValueError("layers must name at least one layer, each once")
         chosen.sort(key=lambda g: list(names).index(g[0]))
-    if projection is not None and (isinstance(projection, bool) or not isinstance(projection, int) or projection < 1):
-        raise ValueError(f"projection must be None (exact gradients) or an integer >= 1, got {projection!r}")
     _check_shared_biases(chosen, names)
     out = [Layer(g, names, parameter_names, projection, seed, capture_dtype(model)) for g in chosen]
     _warn_about_other_uses(model, out, parameter_names)

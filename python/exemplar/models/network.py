@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from .. import curvature as curv
 from ..engine.answers import Answers
 from ..engine.distributed import ProcessGroup
 from ..engine.passes import Passes
+from ..engine.settings import Settings
 from ..ops.order import check_k
 from ..progress import Progress
 from ..results import Explanation, TopK
@@ -25,23 +26,6 @@ from .layers import Capture, capture_dtype, choose_layers, unwrapped
 from .network_data import collect, data_digest
 from .network_fitted import FisherSums, NetworkFitted, network_method
 from .probe import probe
-
-FISHERS = ("expected", "sampled", "empirical")
-
-
-@dataclass(frozen=True)
-class NetworkSettings:
-    """What a NetworkExplainer's answers depend on besides the model and the data."""
-    layers: tuple[dict, ...]
-    curvature: str
-    damping: float
-    fisher: str
-    projection: int | None
-    seed: int
-
-    def to_dict(self) -> dict:
-        """The settings as JSON-able values (what a store's fit cache is keyed by)."""
-        return asdict(self)
 
 
 @dataclass
@@ -130,14 +114,9 @@ class NetworkExplainer(Answers):
                  progress: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        curv.get_for_layers(curvature)
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0 \
-                or damping == float("inf"):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        # checked before any pass; the layers are added once the probe has chosen them
+        settings = Settings(curvature=curvature, damping=damping, fisher=fisher, projection=projection, seed=seed,
+                            layers=())
         if output is not None and not callable(output):
             raise TypeError(f"output must be None or a callable taking the model's output, got {output!r}")
         self.method = network_method(method).name
@@ -149,8 +128,7 @@ class NetworkExplainer(Answers):
         if left_out:
             warnings.warn(left_out, stacklevel=2)
         self.layers = self.capture.layers
-        self.settings = NetworkSettings(tuple(layer.describe() for layer in self.layers), curvature,
-                                        float(damping), fisher, projection, seed)
+        self.settings = replace(settings, layers=tuple(layer.describe() for layer in self.layers))
         self.dtype = capture_dtype(model)
         self.model_digest = model_digest(model)
         if self.group.distributed:
