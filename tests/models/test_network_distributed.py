@@ -1,6 +1,8 @@
 """NetworkExplainer(distributed=True) with gloo on CPU: 2 and 3 processes,
 each running the model on its own batches, give every method's answers
 equal to one process's; ranks given another model or other data are refused."""
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,6 +35,23 @@ def inputs(rank_variant=0):
     return model, train, test
 
 
+class FailingLoader:
+    """The batches, raising ValueError once `fail_after` have been yielded over all passes."""
+
+    def __init__(self, items, fail_after):
+        self.items, self.fail_after, self.yielded = items, fail_after, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        for item in self.items:
+            if self.yielded == self.fail_after:
+                raise ValueError("the loader failed")
+            self.yielded += 1
+            yield item
+
+
 def answers(e, test):
     out = {}
     for method in METHODS:
@@ -49,6 +68,10 @@ def worker(rank, world, init, curvature, variants, answer, store=None):
     torch.set_num_threads(1)
     try:
         model, train, test = inputs(variants[rank])
+        if variants[rank] == 6:  # fails in the gradient pass at batch 4 (after the probe's batch, the data digest's 6)
+            train = FailingLoader(train, 1 + 6 + 4)
+        elif variants[rank] == 7:  # fails in the data digest the ranks agree on, before any pass
+            train = FailingLoader(train, 1 + 3)
         try:
             e = exemplar.NetworkExplainer(model, train, curvature=curvature, distributed=True,
                                           damping=0.02 if variants[rank] == 5 else 0.01,
@@ -114,8 +137,25 @@ def test_ranks_with_other_data_models_or_settings_are_refused(tmp_path):
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank_before_any_collective(tmp_path):
-    for variant, match in ((3, "1 batch"), (4, "NaN or inf")):
+    for variant, match in ((3, "1 batch"), (4, "NaN or inf"), (7, "the loader failed")):
         (tmp_path / str(variant)).mkdir()
         errors = spawn(2, "ekfac", [variant, variant], tmp_path / str(variant))
         assert all(isinstance(err, str) and match in err for err in errors), errors
         assert errors[0] == errors[1]
+
+
+def test_a_store_two_ranks_were_interrupted_writing_is_finished_by_them(tmp_path):
+    """Rank 1's loader fails in the gradient pass (after one complete shard of
+    its rows); both ranks raise its error, rank 0 having written all of its
+    rows. Rerun, the ranks continue from their parts and answer as one process."""
+    model, train, test = inputs()
+    one = answers(exemplar.NetworkExplainer(model, train, curvature="ekfac", damping=0.01, progress=False), test)
+    store = str(tmp_path / "store")
+    errors = spawn(2, "ekfac", [0, 6], tmp_path, store=store)
+    assert errors[0] == errors[1] and "rank 1 of 2: the loader failed" in errors[0], errors
+    parts = [json.loads((tmp_path / "store" / f"part-{r}.json").read_text()) for r in range(2)]
+    assert parts[0]["done"] and [s["rows"] for s in parts[0]["shards"]] == [5, 5, 2]
+    assert not parts[1]["done"] and [s["rows"] for s in parts[1]["shards"]] == [5]
+    for got in spawn(2, "ekfac", [0, 0], tmp_path, store=store, run="-resumed"):
+        assert_as_one(got, one)
+    assert exemplar.storage.gradients.GradientStore(store).sizes == [5, 5, 5, 5, 2, 1]

@@ -132,7 +132,7 @@ class NetworkExplainer(Answers):
         self.dtype = capture_dtype(model)
         self.model_digest = model_digest(model)
         if self.group.distributed:
-            data, batches = data_digest(train_loader)
+            data, batches = self.group.call_together(lambda: data_digest(train_loader))
             self.group.agree("NetworkExplainer settings, models or training data",
                              {**self.settings.to_dict(), "model": self.model_digest, "data": data})
             if batches < self.group.world:
