@@ -148,8 +148,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_one_settings_for_both_facades_and_state_saved_before_its_network_fields():
     """exemplar.Settings is a NetworkExplainer's settings too (its layers, Fisher,
-    projection and seed); an Attributor's state saved before those fields (and
-    rank) existed loads with their defaults and answers the same."""
+    projection and seed); a last layer's are written as before (without those
+    fields, which it refuses to set), and state saved before rank existed loads."""
     model = tiny_model()
     loader = torch.utils.data.DataLoader(tensor_dataset(), batch_size=8)
     net = exemplar.NetworkExplainer(model, loader, fisher="sampled", projection=3, progress=False)
@@ -163,7 +163,10 @@ def test_one_settings_for_both_facades_and_state_saved_before_its_network_fields
     train = exemplar.LastLayer(model).collect(loader, progress=False)
     attr = exemplar.Attributor(train, curvature="kfac")
     tensors, config = attr.state_dict()
-    old = {k: v for k, v in config.items() if k not in ("rank", "layers", "fisher", "projection", "seed")}
+    assert not {"layers", "fisher", "projection", "seed"} & set(config)  # a last layer's, as written before
+    with pytest.raises(ValueError, match="fisher applies to a whole network's layers"):
+        exemplar.Settings(fisher="sampled")
+    old = {k: v for k, v in config.items() if k != "rank"}
     loaded = exemplar.Attributor.from_state(tensors, old)
     assert loaded.settings == attr.settings
     assert torch.equal(loaded.scores(train, "if"), attr.scores(train, "if"))

@@ -14,8 +14,11 @@ from .. import curvature as curv
 
 KFAC_DAMPINGS = ("eigenbasis", "factored")
 FISHERS = ("expected", "sampled", "empirical")
+# What only a whole network sets; a last layer's settings hold their defaults and are written
+# without them, as before networks shared this class (saved state, fit caches, job folders).
+NETWORK_FIELDS = ("layers", "fisher", "projection", "seed")
 # Fields added after saved state was first written: a file without them holds their defaults.
-LATER_FIELDS = ("rank", "layers", "fisher", "projection", "seed")
+LATER_FIELDS = ("rank",) + NETWORK_FIELDS
 
 
 def _check_number(name: str, value, low: float, strict: bool) -> None:
@@ -73,7 +76,12 @@ class Settings:
             raise ValueError(f"projection must be None (exact gradients) or an integer >= 1, got {self.projection!r}")
         if not _is_integer(self.seed, 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.layers is not None:
+        if self.layers is None:
+            changed = [f.name for f in fields(self) if f.name in NETWORK_FIELDS and getattr(self, f.name) != f.default]
+            if changed:  # a last layer's Fisher is the expected one, in closed form; nothing is projected
+                raise ValueError(f"{changed[0]} applies to a whole network's layers (NetworkExplainer), not to a "
+                                 f"last layer, got {changed[0]}={getattr(self, changed[0])!r}")
+        else:
             if not isinstance(self.layers, (list, tuple)) or not all(isinstance(x, dict) for x in self.layers):
                 raise ValueError(f"layers must be None or a list of layer descriptions, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(self.layers))
@@ -93,8 +101,13 @@ class Settings:
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict:
-        """The settings as a JSON-able dict (saved state, job files)."""
-        return asdict(self)
+        """The settings as a JSON-able dict (saved state, job files); a last
+        layer's without the fields only a network sets."""
+        values = asdict(self)
+        if self.layers is None:
+            for name in NETWORK_FIELDS:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values, where: str = "") -> "Settings":
