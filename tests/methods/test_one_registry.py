@@ -1,9 +1,9 @@
 """One registry for both facades (issue 35, acceptance 2): a method and a
 curvature registered here, in a test file, run through an Attributor (the
 last layer) and a NetworkExplainer (every layer of a network) with no change
-to the library, each against its float64 reference; the methods that read
-a trained head (representer points, kNN) are refused by a network, naming
-what they need."""
+to the library, each against its float64 reference — the curvature written
+once, as a fit for network layers; the methods that read a trained head
+(representer points, kNN) are refused by a network, naming what they need."""
 import pytest
 import torch
 from torch import nn
@@ -36,20 +36,13 @@ class InfluenceOverGradient(exemplar.Method):
 
 
 class DiagonalFisher(curv.Curvature):
-    """H^-1 ~ 1 / (diag(F) + damping): the diagonal of the Gauss-Newton matrix
-    on a last layer, of each layer's Fisher in a network; one form for both."""
+    """H^-1 ~ 1 / (diag(F) + damping), each layer's Fisher diagonal: written once,
+    as fit_layers and solve, it serves a network's layers and, through the
+    engine's HeadFisher, a last layer (whose expected Fisher is its Gauss-Newton)."""
     name = "diagonal_fisher"
 
     def __init__(self, w):
-        self.w = w  # (C, Dp) float64: the damped inverse diagonal
-
-    @classmethod
-    def fit(cls, data, settings):
-        def block(phi, logits):
-            p = torch.softmax(logits.double(), 1)
-            return ((p - p.square()).T @ phi.double().square() / len(phi),)
-        (diagonal,) = data.mean(block)
-        return cls(1 / (diagonal + settings.damping))
+        self.w = w  # (k_out, k_in) float64: the damped inverse diagonal
 
     @classmethod
     def fit_layers(cls, data, settings):
@@ -61,15 +54,8 @@ class DiagonalFisher(curv.Curvature):
     def shapes(C, Dp):
         return {"w": (C, Dp, torch.float64)}
 
-    def precondition(self, r, phi):
-        return exemplar.General((r.unsqueeze(2) * phi.unsqueeze(1) * self.w).to(phi.dtype))
-
-    def norms(self, R, Phi, N=None):
-        R2, P2 = R.double().square(), Phi.double().square()
-        return ((R2 @ self.w.square()) * P2).sum(1).to(R.dtype), ((R2 @ self.w) * P2).sum(1).to(R.dtype)
-
     def solve(self, V):
-        return V.double() * self.w
+        return V.double() * self.w.to(V.device)
 
 
 @pytest.fixture
@@ -164,8 +150,17 @@ def test_methods_that_read_a_trained_head_are_refused_by_a_network_naming_it(met
 
 
 def test_a_curvature_without_a_layer_fit_is_refused_by_a_network_before_any_pass():
+    class Nothing(curv.Curvature):
+        name = "nothing"
+    with pytest.raises(ValueError, match="Nothing needs fit_layers .* or fit"):
+        curv.register(Nothing)
+
     class HeadOnly(curv.Curvature):
         name = "head_only"
+
+        @classmethod
+        def fit(cls, data, settings):
+            raise AssertionError("never fitted here")
     curv.register(HeadOnly)
     try:
         model = _mlp()

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from ..ops import General
+
 # With damping 0, eigen-directions whose eigenvalue falls below this fraction
 # of the largest get weight 0 instead of 1/0: the inverse becomes the
 # pseudo-inverse (H is singular along the softmax's redundant direction).
@@ -67,6 +69,26 @@ def shape_and_dtype(spec: tuple, default: torch.dtype) -> tuple[tuple, torch.dty
     return spec, default
 
 
+class HeadFisher(LayerStatistics):
+    """A last layer's Statistics seen as one network layer's LayerStatistics:
+    per block the expected Fisher's choices, every class c weighted by p_c
+    with output gradient p - e_c at the one position phi (exactly the
+    Gauss-Newton matrix, as the closed forms compute it)."""
+
+    def __init__(self, data: Statistics):
+        self.data, self.N = data, data.N
+        self.shapes, self.names = [(data.C, data.Dp)], ["the last layer"]
+
+    def sums(self, fn):
+        def block(phi, logits):
+            p = torch.softmax(logits.double(), 1)
+            a = phi.double().unsqueeze(1)
+            choices = [(p[:, c], (p - torch.eye(p.shape[1], dtype=p.dtype, device=p.device)[c]).unsqueeze(1), a)
+                       for c in range(p.shape[1])]
+            return tuple(x / len(phi) for x in fn(0, choices))  # Statistics.mean takes each block's mean
+        return [tuple(x * self.N for x in self.data.mean(block))]
+
+
 def weighted(x: torch.Tensor, weights) -> torch.Tensor:
     """x (B, ...) float64 scaled per example by weights (B,) (None: 1)."""
     return x if weights is None else x * weights.view(-1, *([1] * (x.dim() - 1))).to(x.device)
@@ -81,14 +103,16 @@ class Curvature:
     `curvature=` (its `name`); every subclass is a form saved state may hold,
     named by its class.
 
-    A registered class implements:
-        fit(statistics, settings) -> Curvature: fitted on the training set's
+    A registered class implements fit_layers, fit, or both:
+        fit_layers(layer_statistics, settings) -> [Curvature per layer]: the
+            curvature of each layer of a whole network, from its
+            LayerStatistics, block-diagonal over the layers; without it a
+            NetworkExplainer refuses the name.
+        fit(statistics, settings) -> Curvature: fitted on a last layer's
             Statistics with the Settings' damping, kfac_damping and rank; it
             may return an instance of another subclass (K-FAC's factored form).
-        fit_layers(layer_statistics, settings) -> [Curvature per layer]: the
-            same curvature for each layer of a whole network, from its
-            LayerStatistics, block-diagonal over the layers (optional: without
-            it a NetworkExplainer refuses the name).
+            By default fit_layers on the last layer seen as one layer
+            (HeadFisher): a curvature written once serves both facades.
         forms(settings) -> names of the classes fit may return (the first is
             the one it returns); saved state is checked against them.
         check(settings): refuses settings this curvature cannot honour
@@ -108,8 +132,12 @@ class Curvature:
 
     @classmethod
     def fit(cls, data: Statistics, settings) -> "Curvature":
-        """The damped inverse curvature fitted on `data` with `settings`."""
-        raise NotImplementedError
+        """The damped inverse curvature fitted on `data` with `settings`; by
+        default fit_layers' on the last layer seen as one network layer
+        (HeadFisher), so a curvature written once serves both facades."""
+        if cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
+            raise NotImplementedError(f"{cls.__name__} defines neither fit nor fit_layers")
+        return cls.fit_layers(HeadFisher(data), settings)[0]
 
     @classmethod
     def fit_layers(cls, data: LayerStatistics, settings) -> list["Curvature"]:
@@ -135,13 +163,16 @@ class Curvature:
         raise NotImplementedError
 
     def precondition(self, r: torch.Tensor, phi: torch.Tensor):
-        """S_t = H^-1 (r_t phi_t^T) for a batch: ops.General, ops.Rank1 or ops.LowRank."""
-        raise NotImplementedError
+        """S_t = H^-1 (r_t phi_t^T) for a batch: ops.General, ops.Rank1 or
+        ops.LowRank; by default General(solve(r_t phi_t^T))."""
+        return General(self.solve(r.unsqueeze(2) * phi.unsqueeze(1)).to(phi.dtype))
 
     def norms(self, R: torch.Tensor, Phi: torch.Tensor, N: int | None = None):
         """(|H^-1 g_i|^2, g_i^T H^-1 g_i), each (b,); N: rows in the whole
-        training set, when R and Phi are one block of it."""
-        raise NotImplementedError
+        training set, when R and Phi are one block of it. By default
+        matrix_norms of the (b, C, Dp) gradients."""
+        theta, quad = self.matrix_norms(R.unsqueeze(2) * Phi.unsqueeze(1))
+        return theta.to(R.dtype), quad.to(R.dtype)
 
     def quad_norms(self, R: torch.Tensor, Phi: torch.Tensor) -> torch.Tensor:
         """g_i^T H^-1 g_i, (b,)."""
@@ -172,6 +203,9 @@ def register(cls: type[Curvature]) -> type[Curvature]:
         raise ValueError(f"{cls.__name__} needs a name to be registered as a curvature")
     if cls.name in _NAMES:
         raise ValueError(f"curvature {cls.name!r} is already registered")
+    if cls.fit.__func__ is Curvature.fit.__func__ and cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
+        raise ValueError(f"{cls.__name__} needs fit_layers (a network's layers, and by default a last layer) "
+                         "or fit (a last layer) to be registered as a curvature")
     _NAMES[cls.name] = cls
     return cls
 
