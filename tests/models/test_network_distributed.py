@@ -36,10 +36,10 @@ def inputs(rank_variant=0):
 
 
 class FailingLoader:
-    """The batches, raising ValueError once `fail_after` have been yielded over all passes."""
+    """The batches, raising `error` (ValueError) once `fail_after` have been yielded over all passes."""
 
-    def __init__(self, items, fail_after):
-        self.items, self.fail_after, self.yielded = items, fail_after, 0
+    def __init__(self, items, fail_after, error=ValueError):
+        self.items, self.fail_after, self.yielded, self.error = items, fail_after, 0, error
 
     def __len__(self):
         return len(self.items)
@@ -47,7 +47,7 @@ class FailingLoader:
     def __iter__(self):
         for item in self.items:
             if self.yielded == self.fail_after:
-                raise ValueError("the loader failed")
+                raise self.error("the loader failed")
             self.yielded += 1
             yield item
 
@@ -72,12 +72,17 @@ def worker(rank, world, init, curvature, variants, answer, store=None):
             train = FailingLoader(train, 1 + 6 + 4)
         elif variants[rank] == 7:  # fails in the data digest the ranks agree on, before any pass
             train = FailingLoader(train, 1 + 3)
+        elif variants[rank] == 8:  # interrupted (Ctrl-C) in the gradient pass
+            train = FailingLoader(train, 1 + 6 + 4, KeyboardInterrupt)
         try:
             e = exemplar.NetworkExplainer(model, train, curvature=curvature, distributed=True,
                                           damping=0.02 if variants[rank] == 5 else 0.01,
                                           store=store, shard_rows=5, progress=False)
         except ValueError as err:
             torch.save(str(err), f"{answer}.{rank}")
+            return
+        except (RuntimeError, KeyboardInterrupt) as err:
+            torch.save(f"{type(err).__name__}: {err}", f"{answer}.{rank}")
             return
         torch.save(answers(e, test), f"{answer}.{rank}")
     finally:
@@ -159,3 +164,10 @@ def test_a_store_two_ranks_were_interrupted_writing_is_finished_by_them(tmp_path
     for got in spawn(2, "ekfac", [0, 0], tmp_path, store=store, run="-resumed"):
         assert_as_one(got, one)
     assert exemplar.storage.gradients.GradientStore(store).sizes == [5, 5, 5, 5, 2, 1]
+
+
+def test_an_interrupt_on_one_rank_is_told_to_the_others(tmp_path):
+    """Ctrl-C on rank 1 in the gradient pass: it raises KeyboardInterrupt,
+    rank 0 a RuntimeError naming it (not a collective error, not a wait)."""
+    errors = spawn(2, "ekfac", [0, 8], tmp_path)
+    assert errors == ["RuntimeError: rank 1 of 2: the loader failed", "KeyboardInterrupt: the loader failed"], errors

@@ -86,11 +86,13 @@ class ProcessGroup:
         rank raised, every rank raises the same error (the lowest failing
         rank's, as a ValueError or TypeError when it was one, else a
         RuntimeError), so no rank is left waiting in a collective its peers
-        never reach. One process: the error as it was raised."""
+        never reach. A KeyboardInterrupt on one rank is told to the others
+        (a RuntimeError naming it) and raised again on its own. One process:
+        the error as it was raised."""
         try:
             yield from steps
             failure = None
-        except Exception as err:
+        except (Exception, KeyboardInterrupt) as err:  # not GeneratorExit: a consumer that stops early
             if not self.distributed:
                 raise
             failure = err
@@ -99,6 +101,8 @@ class ProcessGroup:
         seen = [None] * self.world
         dist.all_gather_object(seen, None if failure is None else (type(failure).__name__, str(failure)))
         failed = [(rank, note) for rank, note in enumerate(seen) if note is not None]
+        if isinstance(failure, KeyboardInterrupt):
+            raise failure
         if failed:
             rank, (kind, message) = failed[0]
             cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
