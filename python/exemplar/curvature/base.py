@@ -83,8 +83,8 @@ class HeadFisher(LayerStatistics):
         def block(phi, logits):
             p = torch.softmax(logits.double(), 1)
             a = phi.double().unsqueeze(1)
-            choices = [(p[:, c], (p - torch.eye(p.shape[1], dtype=p.dtype, device=p.device)[c]).unsqueeze(1), a)
-                       for c in range(p.shape[1])]
+            onehot = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            choices = [(p[:, c], (p - onehot[c]).unsqueeze(1), a) for c in range(p.shape[1])]
             return tuple(x / len(phi) for x in fn(0, choices))  # Statistics.mean takes each block's mean
         return [tuple(x * self.N for x in self.data.mean(block))]
 
@@ -135,7 +135,7 @@ class Curvature:
         """The damped inverse curvature fitted on `data` with `settings`; by
         default fit_layers' on the last layer seen as one network layer
         (HeadFisher), so a curvature written once serves both facades."""
-        if cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
+        if not fits_layers(cls):
             raise NotImplementedError(f"{cls.__name__} defines neither fit nor fit_layers")
         return cls.fit_layers(HeadFisher(data), settings)[0]
 
@@ -203,7 +203,7 @@ def register(cls: type[Curvature]) -> type[Curvature]:
         raise ValueError(f"{cls.__name__} needs a name to be registered as a curvature")
     if cls.name in _NAMES:
         raise ValueError(f"curvature {cls.name!r} is already registered")
-    if cls.fit.__func__ is Curvature.fit.__func__ and cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
+    if cls.fit.__func__ is Curvature.fit.__func__ and not fits_layers(cls):
         raise ValueError(f"{cls.__name__} needs fit_layers (a network's layers, and by default a last layer) "
                          "or fit (a last layer) to be registered as a curvature")
     _NAMES[cls.name] = cls
@@ -227,11 +227,16 @@ def get(name) -> type[Curvature]:
     return _NAMES[name]
 
 
+def fits_layers(cls: type[Curvature]) -> bool:
+    """Whether the curvature class defines fit_layers (can fit a whole network's layers)."""
+    return cls.fit_layers.__func__ is not Curvature.fit_layers.__func__
+
+
 def get_for_layers(name) -> type[Curvature]:
     """The curvature class registered as `name`, refused unless it can fit a whole network's layers."""
     cls = get(name)
-    if cls.fit_layers.__func__ is Curvature.fit_layers.__func__:
-        able = tuple(n for n in names() if get(n).fit_layers.__func__ is not Curvature.fit_layers.__func__)
+    if not fits_layers(cls):
+        able = tuple(n for n in names() if fits_layers(get(n)))
         raise ValueError(f"curvature={name!r} has no fit for a whole network's layers (its class defines no "
                          f"fit_layers); use one of {able}")
     return cls

@@ -15,16 +15,18 @@ class Identity(Curvature):
     def __init__(self, scale):
         self.scale = scale  # 0-dim tensor
 
+    @staticmethod
+    def _scale(damping: float) -> torch.Tensor:
+        """1 / damping (1 at damping 0), float64."""
+        return torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64)
+
     @classmethod
     def fit(cls, data: Statistics, settings):
-        damping = settings.damping
-        return cls(cast_inverse(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64),
-                                data.dtype, damping).to(data.device))
+        return cls(cast_inverse(cls._scale(settings.damping), data.dtype, settings.damping).to(data.device))
 
     @classmethod
     def fit_layers(cls, data, settings):
-        damping = settings.damping
-        return [cls(torch.tensor(1.0 / damping if damping > 0 else 1.0, dtype=torch.float64)) for _ in data.shapes]
+        return [cls(cls._scale(settings.damping)) for _ in data.shapes]
 
     @staticmethod
     def shapes(C, Dp):

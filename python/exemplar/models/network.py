@@ -131,6 +131,7 @@ class NetworkExplainer(Answers):
         self.settings = replace(settings, layers=tuple(layer.describe() for layer in self.layers))
         self.dtype = capture_dtype(model)
         self.model_digest = model_digest(model)
+        data = None  # the loader's digest, read once: for the ranks' agreement and a store's record
         if self.group.distributed:
             data, batches = self.group.call_together(lambda: data_digest(train_loader))
             self.group.agree("NetworkExplainer settings, models or training data",
@@ -139,7 +140,7 @@ class NetworkExplainer(Answers):
                 raise ValueError(f"train_loader has {batches} batch{'es' * (batches != 1)} for "
                                  f"{self.group.world} ranks (distributed=True gives each rank whole batches): "
                                  "use smaller batches or fewer ranks")
-        self.train = collect(self, train_loader, store, shard_rows, overwrite)
+        self.train = collect(self, train_loader, store, shard_rows, overwrite, data)
         self.num_train = len(self.train)
         fitted = NetworkFitted(self.settings, self.train, self.layers)
         fitted.fit(FisherSums(self.layers, self.num_train, lambda: self._curvature_passes(train_loader),

@@ -184,14 +184,15 @@ def _own_gradients(explainer, loader, skip: int, seen: dict):
     seen["rows"] = start
 
 
-def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
-            overwrite: bool = False) -> TrainingGradients:
+def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False,
+            data: str | None = None) -> TrainingGradients:
     """Runs the model over the training loader for each example's per-layer
     gradients under its label, into memory or into the store at `store`
     (continuing a partial one the same model, layers, data and ranks began; a
     complete one is read, not recomputed). With explainer.group over several
     ranks each rank runs the model on its own batches (index % world == rank)
-    and holds (or writes) their rows; each step's errors are raised on every rank."""
+    and holds (or writes) their rows; each step's errors are raised on every rank.
+    data: the loader's data_digest when the caller has it (a store records it)."""
     layers, group = explainer.layers, explainer.group
     width = sum(layer.width for layer in layers)
     order = _fixed_order(loader)
@@ -207,7 +208,7 @@ def collect(explainer, loader, store=None, shard_rows: int = DEFAULT_SHARD_ROWS,
     def begin():
         if group.rank == 0:
             source = {"model": explainer.model_digest, "layers": [layer.describe() for layer in layers],
-                      "seed": explainer.settings.seed, "data": data_digest(loader)[0],
+                      "seed": explainer.settings.seed, "data": data_digest(loader)[0] if data is None else data,
                       "order": None if order is None else digest(json.dumps(list(map(int, order))))[:16]}
             prepare(store, source, explainer.dtype, shard_rows, overwrite, group.world)
     group.call_together(begin)
