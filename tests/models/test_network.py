@@ -411,3 +411,35 @@ def test_a_store_begun_by_other_ranks_or_an_older_version_is_refused(tmp_path):
     assert exemplar.storage.gradients.GradientStore(path).manifest["world"] == 1
     memory = exemplar.NetworkExplainer(model, batches(x, y), progress=False)
     torch.testing.assert_close(again.scores(batches(x, y), "if"), memory.scores(batches(x, y), "if"))
+
+
+def test_a_gradient_store_with_forged_positions_or_parts_is_refused(tmp_path):
+    """Hostile edits that keep every checksum consistent: a shard whose rows'
+    positions were rewritten (its SHA-256 recomputed in the manifest), and a
+    part file of an unfinished store claiming another rank's shards."""
+    from exemplar.storage.gradients import FORMAT
+    from exemplar.storage.saved import read, tensors_digest, write
+    model = mlp()
+    x, y = data(12)
+    path = tmp_path / "s"
+    exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = manifest["shards"][1]
+    tensors, _ = read(path / entry["file"], FORMAT, ("rows", "sha256"))
+    tensors["positions"] = tensors["positions"].flip(0).contiguous()  # same rows, out of order
+    entry["sha256"] = tensors_digest(tensors)
+    write(path / entry["file"], tensors, {"format": FORMAT, "rows": entry["rows"], "sha256": entry["sha256"]})
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    e = exemplar.NetworkExplainer(model, batches(x, y), store=path, shard_rows=5, progress=False)
+    with pytest.raises(ValueError, match="holds positions that are not increasing from 5"):
+        e.scores(batches(x, y), "if")
+    manifest.update(complete=False, shards=[])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    part = json.loads((path / "part-0.json").read_text())
+    part["shards"][0]["rank"] = 1
+    part["shards"][0]["file"] = "shard-1-00000.safetensors"
+    manifest["world"] = 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "part-0.json").write_text(json.dumps(part))
+    with pytest.raises(ValueError, match=r"part-0.json: holds shards of another rank"):
+        exemplar.storage.gradients.GradientStore(path)
